@@ -1,0 +1,147 @@
+"""The deployer base: concrete lifecycle methods with their semantics, small backend hooks."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+from prefect.blocks.core import Block
+from pydantic import BaseModel, ConfigDict
+
+from blocks.service import ServiceRecord, ServiceState
+from ctcd.exceptions import ServiceNotFoundError
+
+
+class DeploymentConfig(BaseModel):
+    """What to serve, and which pipeline step asked for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str
+    model_version: str
+    model_uri: str
+    pipeline_name: str
+    step_name: str
+    run_id: str | None = None
+
+
+class BaseModelDeployer(Block):
+    """Deploys registered model versions to model servers and manages their lifecycle.
+
+    Semantics every backend keeps:
+    - `deploy_model` blocks until the model serves (or raises); with `replace=True` the same
+      pipeline, step and model always reuse one server: same uuid and URL, new version.
+    - `stop_model_server` is reversible: `start_model_server` brings it back on the same URL.
+    - `delete_model_server` is irreversible and idempotent.
+    """
+
+    _block_type_slug = "ctcd-model-deployer"
+
+    def deploy_model(
+        self, config: DeploymentConfig, replace: bool = True, timeout: float | None = None
+    ) -> ServiceRecord:
+        """Serve `config`'s model version; return the record once it answers requests."""
+        with self._lock(config):
+            existing = (
+                self.find_model_server(
+                    pipeline_name=config.pipeline_name,
+                    step_name=config.step_name,
+                    model_name=config.model_name,
+                )
+                if replace
+                else []
+            )
+            if existing:
+                return self._update(existing[0], config, timeout)
+            return self._create(config, timeout)
+
+    def find_model_server(
+        self,
+        pipeline_name: str | None = None,
+        step_name: str | None = None,
+        model_name: str | None = None,
+        run_id: str | None = None,
+        uuid: str | None = None,
+        running: bool | None = None,
+    ) -> list[ServiceRecord]:
+        """Records matching every given filter, newest first, each with its observed status."""
+        wanted = {
+            "pipeline_name": pipeline_name,
+            "step_name": step_name,
+            "model_name": model_name,
+            "run_id": run_id,
+            "uuid": uuid,
+        }
+        found = [
+            record
+            for record in self._records()
+            if all(v is None or getattr(record, k) == v for k, v in wanted.items())
+            and (running is None or record.is_running == running)
+        ]
+        return sorted(found, key=lambda r: r.updated_at, reverse=True)
+
+    def get_model_server(self, uuid: str) -> ServiceRecord:
+        """The record with this uuid (a unique prefix works too)."""
+        matches = [r for r in self._records() if r.uuid.startswith(uuid)] if uuid else []
+        if len(matches) != 1:
+            raise ServiceNotFoundError(f"uuid '{uuid}'")
+        return matches[0]
+
+    def start_model_server(self, uuid: str, timeout: float | None = None) -> ServiceRecord:
+        """Start a stopped or crashed server on its recorded URL; a running one is left as is."""
+        record = self.get_model_server(uuid)
+        if record.status == ServiceState.ACTIVE:
+            return record
+        return self._start(record, timeout)
+
+    def stop_model_server(self, uuid: str, timeout: float | None = None) -> ServiceRecord:
+        """Stop serving but keep the record and model, so `start_model_server` can resume."""
+        return self._stop(self.get_model_server(uuid), timeout)
+
+    def delete_model_server(self, uuid: str, timeout: float | None = None) -> bool:
+        """Stop and forget a server. Returns False when there was nothing to delete."""
+        try:
+            record = self.get_model_server(uuid)
+        except ServiceNotFoundError:
+            return False
+        self._delete(record, timeout)
+        return True
+
+    def get_logs(self, uuid: str, tail: int | None = None) -> list[str]:
+        """The server's log lines (the last `tail` ones when given)."""
+        return self._logs(self.get_model_server(uuid), tail)
+
+    def follow_logs(self, uuid: str) -> Iterator[str]:
+        """Log lines as the server writes them, until interrupted."""
+        return self._follow(self.get_model_server(uuid))
+
+    # Hooks each backend implements.
+    @abstractmethod
+    def _lock(self, config: DeploymentConfig) -> AbstractContextManager[object]: ...
+
+    @abstractmethod
+    def _records(self) -> list[ServiceRecord]: ...
+
+    @abstractmethod
+    def _create(self, config: DeploymentConfig, timeout: float | None) -> ServiceRecord: ...
+
+    @abstractmethod
+    def _update(
+        self, record: ServiceRecord, config: DeploymentConfig, timeout: float | None
+    ) -> ServiceRecord: ...
+
+    @abstractmethod
+    def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord: ...
+
+    @abstractmethod
+    def _stop(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord: ...
+
+    @abstractmethod
+    def _delete(self, record: ServiceRecord, timeout: float | None) -> None: ...
+
+    @abstractmethod
+    def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]: ...
+
+    @abstractmethod
+    def _follow(self, record: ServiceRecord) -> Iterator[str]: ...

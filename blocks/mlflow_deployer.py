@@ -1,0 +1,266 @@
+"""`MLflowModelDeployer`: serves registered MLflow model versions from local gunicorn servers."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import Field
+
+from blocks import local_process as lp
+from blocks.deployer import BaseModelDeployer, DeploymentConfig
+from blocks.service import ServiceRecord, ServiceState
+from ctcd.exceptions import ModelLoadError, ModelServerError
+from ctcd.settings import ctcd_home
+
+KEEP_MODEL_COPIES = 3
+
+
+class MLflowModelDeployer(BaseModelDeployer):
+    """Serves MLflow model versions on this machine: one gunicorn server (MLflow's scoring
+    app on uvicorn workers) per pipeline, step and model, updated in place.
+
+    A new version is copied into the server's runtime folder, loaded and scored in a probe
+    process first, and only then swapped in with a SIGHUP; a version that fails the probe
+    never reaches the server, which keeps serving the old one.
+
+    Example:
+        ```python
+        from blocks import MLflowModelDeployer
+
+        deployer = MLflowModelDeployer.load("BLOCK_NAME")
+        ```
+    """
+
+    _block_type_name = "MLflow Model Deployer"
+    _block_type_slug = "mlflow-model-deployer"
+    _description = "Serves registered MLflow model versions from local gunicorn processes."
+
+    host: str = Field(
+        default="127.0.0.1", description="Address the servers bind; loopback unless you need more."
+    )
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Fixed port for the server; default: a free port chosen at first deploy "
+        "and kept for the server's life.",
+    )
+    workers: int = Field(default=1, ge=1, le=32, description="gunicorn worker processes.")
+    deploy_timeout: float = Field(
+        default=120.0, gt=0, description="Seconds to wait for a version to load and answer."
+    )
+    stop_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a server may drain before it is killed."
+    )
+    root_dir: str | None = Field(
+        default=None,
+        description="Folder for the servers' runtime folders; default `$CTCD_HOME/servers`.",
+    )
+
+    def _root(self) -> Path:
+        root = Path(self.root_dir).expanduser() if self.root_dir else ctcd_home() / "servers"
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    @contextmanager
+    def _lock(self, config: DeploymentConfig) -> Iterator[object]:
+        ident = f"{config.pipeline_name}\0{config.step_name}\0{config.model_name}"
+        path = self._root() / f".lock-{hashlib.sha1(ident.encode()).hexdigest()[:16]}"
+        with open(path, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield handle
+
+    def _records(self) -> list[ServiceRecord]:
+        records = []
+        for path in self._root().glob("*/service.json"):
+            try:
+                records.append(self._observe(ServiceRecord.model_validate_json(path.read_text())))
+            except (OSError, ValueError):
+                continue  # a folder being deleted or written right now
+        return records
+
+    def _observe(self, record: ServiceRecord) -> ServiceRecord:
+        if lp.process(record) is None:
+            if record.desired_state == ServiceState.INACTIVE:
+                state, message = ServiceState.INACTIVE, "stopped"
+            else:
+                last = lp.log_tail(record.log_path, 1)
+                state = ServiceState.ERROR
+                message = (
+                    f"server process {record.pid} is not running (exited or killed); "
+                    f"`ctcd models start {record.uuid[:8]}` restarts it. Last log line: {last}"
+                )
+        elif lp.healthy(record):
+            state, message = ServiceState.ACTIVE, f"serving version {record.model_version}"
+        else:
+            state, message = ServiceState.PENDING, "process running, not answering /health yet"
+        return record.model_copy(update={"status": state, "status_message": message})
+
+    def _write_record(self, record: ServiceRecord, **changes: object) -> ServiceRecord:
+        record = record.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
+        data = record.model_dump(mode="json", exclude={"status", "status_message"})
+        lp.write_json(Path(str(record.runtime_dir)) / "service.json", data)
+        return self._observe(record)
+
+    def _stage(
+        self, runtime: Path, config: DeploymentConfig, timeout: float, probe: bool = True
+    ) -> Path:
+        """Copy the version into the runtime folder and (with `probe`) load it and score its
+        input example in a separate process, so a broken model never reaches a server."""
+        import mlflow
+
+        from ctcd.settings import tracking_uri
+
+        dest = runtime / "models" / config.model_version
+        if not (dest / "MLmodel").exists():
+            mlflow.set_tracking_uri(tracking_uri())
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+                path = mlflow.artifacts.download_artifacts(config.model_uri, dst_path=tmp)
+                shutil.rmtree(dest, ignore_errors=True)
+                Path(path).rename(dest)
+        ok, output = lp.run_probe(dest, timeout) if probe else (True, "")
+        if not ok:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ModelLoadError(config.model_name, config.model_version, output)
+        return dest
+
+    def _point(self, runtime: Path, config: DeploymentConfig, uuid: str, model: Path) -> None:
+        lp.write_json(
+            runtime / "current.json",
+            {
+                "uuid": uuid,
+                "model_name": config.model_name,
+                "model_version": config.model_version,
+                "model_uri": config.model_uri,
+                "model_path": str(model),
+            },
+        )
+
+    def _create(self, config: DeploymentConfig, timeout: float | None) -> ServiceRecord:
+        timeout = timeout or self.deploy_timeout
+        uuid = str(uuidlib.uuid4())
+        runtime = self._root() / uuid
+        runtime.mkdir()
+        try:
+            # No traffic to protect yet: the new server itself is the probe.
+            model = self._stage(runtime, config, timeout, probe=False)
+        except Exception:
+            shutil.rmtree(runtime, ignore_errors=True)
+            raise
+        port = self.port or lp.free_port(self.host)
+        base = f"http://{self.host}:{port}"
+        record = ServiceRecord(
+            uuid=uuid,
+            backend="mlflow-local",
+            **config.model_dump(),
+            prediction_url=f"{base}/invocations",
+            health_url=f"{base}/health",
+            log_path=str(runtime / "server.log"),
+            host=self.host,
+            port=port,
+            workers=self.workers,
+            runtime_dir=str(runtime),
+        )
+        self._point(runtime, config, uuid, model)
+        try:
+            record = self._launch(record, timeout)
+            ok, output = lp.probe_live(record, model)
+        except ModelServerError as err:
+            ok, output = False, str(err)
+        if not ok:
+            tail = lp.log_tail(record.log_path)
+            self._delete(record, self.stop_timeout)
+            raise ModelLoadError(
+                config.model_name, config.model_version, f"{output}\n{tail}",
+                "no server was started",
+            )  # fmt: skip
+        return record
+
+    def _launch(self, record: ServiceRecord, timeout: float) -> ServiceRecord:
+        if lp.port_in_use(record.host, record.port):
+            error = (
+                f"port {record.port} on {record.host} is taken by another process; free it, "
+                "or delete this server and deploy again to get a new port"
+            )
+            self._write_record(record, last_error=error, desired_state=ServiceState.ACTIVE)
+            raise ModelServerError(f"Starting the server for {record.model_name}", error)
+        pid, started = lp.spawn(record, Path(str(record.runtime_dir)))
+        record = self._write_record(
+            record, pid=pid, pid_started_at=started, desired_state=ServiceState.ACTIVE
+        )
+        try:
+            lp.wait_serving(record, record.model_version, timeout)
+        except ModelServerError as err:
+            self._write_record(record, last_error=str(err))
+            raise
+        return self._write_record(record, last_error=None)
+
+    def _update(
+        self, record: ServiceRecord, config: DeploymentConfig, timeout: float | None
+    ) -> ServiceRecord:
+        timeout = timeout or self.deploy_timeout
+        runtime = Path(str(record.runtime_dir))
+        try:
+            model = self._stage(runtime, config, timeout)
+        except ModelLoadError as err:
+            self._write_record(record, last_error=str(err))
+            raise
+        previous = json.loads((runtime / "current.json").read_text())
+        self._point(runtime, config, record.uuid, model)
+        updated = record.model_copy(update=config.model_dump())
+        if lp.process(record) is None:
+            return self._launch(updated, timeout)
+        lp.reload(record)
+        try:
+            lp.wait_serving(updated, config.model_version, timeout)
+        except ModelServerError as err:
+            lp.write_json(runtime / "current.json", previous)
+            lp.reload(record)
+            self._write_record(record, last_error=str(err))
+            raise
+        self._prune(runtime, keep={config.model_version, str(previous["model_version"])})
+        return self._write_record(updated, last_error=None, desired_state=ServiceState.ACTIVE)
+
+    def _prune(self, runtime: Path, keep: set[str]) -> None:
+        copies = sorted((runtime / "models").iterdir(), key=lambda p: p.stat().st_mtime)
+        for path in copies[:-KEEP_MODEL_COPIES]:
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
+        return self._launch(record, timeout or self.deploy_timeout)
+
+    def _stop(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
+        lp.terminate(record, timeout or self.stop_timeout)
+        return self._write_record(record, desired_state=ServiceState.INACTIVE)
+
+    def _delete(self, record: ServiceRecord, timeout: float | None) -> None:
+        lp.terminate(record, timeout or self.stop_timeout)
+        shutil.rmtree(str(record.runtime_dir), ignore_errors=True)
+
+    def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:
+        if not record.log_path or not Path(record.log_path).exists():
+            return []
+        lines = Path(record.log_path).read_text(errors="replace").splitlines()
+        return lines[-tail:] if tail else lines
+
+    def _follow(self, record: ServiceRecord) -> Iterator[str]:
+        with open(str(record.log_path), errors="replace") as handle:
+            handle.seek(0, 2)
+            while True:
+                line = handle.readline()
+                if line:
+                    yield line.rstrip("\n")
+                else:
+                    time.sleep(0.25)

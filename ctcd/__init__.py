@@ -1,0 +1,1 @@
+"""ctcd: continuous training and continuous deployment of ML models with Prefect and MLflow."""

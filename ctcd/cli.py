@@ -1,0 +1,164 @@
+"""`ctcd`: the demo, and the served-models commands (`ctcd models --help`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ctcd.exceptions import CtcdError
+
+app = typer.Typer(no_args_is_help=True, help="Continuous training and deployment with Prefect.")
+models = typer.Typer(no_args_is_help=True, help="Inspect and manage served models.")
+app.add_typer(models, name="models")
+console = Console()
+DeployerOpt = Annotated[
+    str | None,
+    typer.Option("--deployer", help="Saved deployer block; default: local MLflow deployer."),
+]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _deployer(name: str | None):  # type: ignore[no-untyped-def]
+    from deployments.lookup import load_deployer
+
+    return load_deployer(name)
+
+
+def _get(uuid: str, deployer: str | None):  # type: ignore[no-untyped-def]
+    try:
+        return _deployer(deployer).get_model_server(uuid)
+    except CtcdError as err:
+        _fail(str(err))
+
+
+@models.command("list")
+def list_models(
+    model: Annotated[str | None, typer.Option("--model", help="Only this model.")] = None,
+    pipeline: Annotated[str | None, typer.Option("--pipeline")] = None,
+    step: Annotated[str | None, typer.Option("--step")] = None,
+    running: Annotated[bool, typer.Option("--running", help="Only active servers.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
+    deployer: DeployerOpt = None,
+) -> None:
+    """List model servers with their observed status."""
+    records = _deployer(deployer).find_model_server(
+        pipeline_name=pipeline, step_name=step, model_name=model, running=True if running else None
+    )
+    if as_json:
+        typer.echo(json.dumps([r.summary() for r in records], indent=2))
+        return
+    table = Table("status", "uuid", "model", "version", "pipeline", "step", "url")
+    for r in records:
+        color = {"active": "green", "error": "red", "pending": "yellow"}.get(r.status.value, "")
+        table.add_row(
+            f"[{color}]{r.status.value}[/]" if color else r.status.value, r.uuid[:8],
+            r.model_name, r.model_version, r.pipeline_name, r.step_name, r.prediction_url,
+        )  # fmt: skip
+    console.print(table if records else "No model servers.")
+
+
+@models.command()
+def describe(
+    uuid: str,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    deployer: DeployerOpt = None,
+) -> None:
+    """Everything recorded about one server, with its observed status and why."""
+    record = _get(uuid, deployer)
+    if as_json:
+        typer.echo(json.dumps(record.summary(), indent=2))
+        return
+    for key, value in record.summary().items():
+        console.print(f"[bold]{key:>16}[/]  {value}", highlight=False)
+
+
+@models.command()
+def url(uuid: str, deployer: DeployerOpt = None) -> None:
+    """Print the prediction URL."""
+    typer.echo(_get(uuid, deployer).prediction_url)
+
+
+@models.command()
+def start(uuid: str, deployer: DeployerOpt = None) -> None:
+    """Start a stopped or crashed server on its recorded URL."""
+    record = _get(uuid, deployer)
+    try:
+        record = _deployer(deployer).start_model_server(record.uuid)
+    except CtcdError as err:
+        _fail(str(err))
+    typer.echo(
+        f"{record.status.value}: {record.model_name} v{record.model_version} "
+        f"at {record.prediction_url}"
+    )
+
+
+@models.command()
+def stop(uuid: str, deployer: DeployerOpt = None) -> None:
+    """Stop a server (reversible with `ctcd models start`)."""
+    record = _deployer(deployer).stop_model_server(_get(uuid, deployer).uuid)
+    typer.echo(f"{record.status.value}: {record.uuid}")
+
+
+@models.command()
+def delete(
+    uuid: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    deployer: DeployerOpt = None,
+) -> None:
+    """Stop a server and delete its runtime folder (irreversible)."""
+    dep = _deployer(deployer)
+    matches = [r for r in dep.find_model_server() if r.uuid.startswith(uuid)]
+    if not matches:
+        typer.echo(f"Not found: {uuid} (nothing to delete)")
+        return
+    if not yes and not typer.confirm(f"Delete server {matches[0].uuid}?"):
+        _fail("not confirmed")
+    dep.delete_model_server(matches[0].uuid)
+    typer.echo(f"Deleted {matches[0].uuid}")
+
+
+@models.command()
+def logs(
+    uuid: str,
+    tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    deployer: DeployerOpt = None,
+) -> None:
+    """Print the server's log."""
+    record = _get(uuid, deployer)
+    dep = _deployer(deployer)
+    for line in dep.get_logs(record.uuid, tail):
+        typer.echo(line)
+    if follow:
+        try:
+            for line in dep.follow_logs(record.uuid):
+                typer.echo(line)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def demo() -> None:
+    """Run continuous deployment on the sample table and leave its server running."""
+    from ctcd.demo import run
+
+    try:
+        run()
+    except CtcdError as err:
+        _fail(str(err))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""What `make demo` runs: continuous deployment on the sample table, then one prediction."""
+
+from __future__ import annotations
+
+import os
+
+
+def run() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from ctcd.sample import generate
+    from flows.continuous_deployment import continuous_deployment_pipeline
+    from flows.data import feature_frame
+    from flows.model import DEFAULTS
+
+    result = continuous_deployment_pipeline()
+    print(
+        f"\nmodel {result.model_name} v{result.model_version}: "
+        + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
+    )
+    print(f"gate: {'deployed' if result.deployed else 'refused'} - {result.reason}")
+    service = result.service
+    if service is None:
+        print("No server is serving this model (the gate refused it and none ran before).")
+        return
+    row = feature_frame(generate(n_rows=1, seed=7), "review_score")
+    prediction = service.predict(row)[0]
+    print(f"\nprediction for one order: review_score ~ {prediction:.3f}")
+    print(f"prediction URL: {service.prediction_url}")
+    print(f"model: random_forest with {DEFAULTS['random_forest']}")
+    print(
+        "\nThe server keeps running. Inspect and stop it with:\n"
+        f"  .venv/bin/ctcd models list\n"
+        f"  .venv/bin/ctcd models describe {service.uuid[:8]}\n"
+        f"  .venv/bin/ctcd models logs {service.uuid[:8]} --tail 20\n"
+        f"  .venv/bin/ctcd models stop {service.uuid[:8]}\n"
+        "Try it yourself:\n"
+        f"  curl -s {service.prediction_url} -H 'Content-Type: application/json' "
+        '-d \'{"dataframe_records": [{"price": 50, "freight_value": 12}]}\''
+    )

@@ -1,0 +1,121 @@
+"""Every error ctcd raises on purpose. Each says what was wrong and what to do."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class CtcdError(Exception):
+    """Base class for ctcd's errors."""
+
+
+class DataError(CtcdError, ValueError):
+    """The input table cannot be used; raised before any training or registration."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"Data file '{path}' does not exist. Check `data_path`, "
+            "or pass data_path=None to use the bundled sample table."
+        )
+
+
+class EmptyDataError(DataError):
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"Data file '{path}' is empty (no header and no rows). "
+            "Point `data_path` at a CSV or Parquet file with a header row and data."
+        )
+
+
+class UnreadableDataError(DataError):
+    def __init__(self, path: str, cause: str) -> None:
+        super().__init__(
+            f"Data file '{path}' cannot be read as CSV or Parquet ({cause}). "
+            "Check that it is a UTF-8 CSV with a header row, or a Parquet file ending in .parquet."
+        )
+
+
+class MissingTargetError(DataError):
+    def __init__(self, source: str, target: str, columns: Iterable[str]) -> None:
+        shown = ", ".join(list(columns)[:20])
+        super().__init__(
+            f"Target column '{target}' is not in '{source}'. Its columns are: {shown}. "
+            "Pass the right column as `target=`."
+        )
+
+
+class NonNumericTargetError(DataError):
+    def __init__(self, source: str, target: str, dtype: str, example: object) -> None:
+        super().__init__(
+            f"Target column '{target}' in '{source}' is not numeric (dtype {dtype}, "
+            f"e.g. {example!r}). ctcd trains regressors: convert the target to numbers "
+            "or choose a numeric column as `target=`."
+        )
+
+
+class TooFewRowsError(DataError):
+    def __init__(self, source: str, rows: int, minimum: int) -> None:
+        super().__init__(
+            f"'{source}' has {rows} usable rows; at least {minimum} are needed to split "
+            "80/20 and train. Add rows to the table."
+        )
+
+
+class DataContractError(DataError):
+    def __init__(self, source: str, problems: Iterable[str]) -> None:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"'{source}' breaks the data contract:\n{lines}\n"
+            "Fix the table (or its export) and run again."
+        )
+
+
+class DeployerNotFoundError(CtcdError, LookupError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"No saved deployer block named '{name}'. Save one first, e.g. "
+            "`MLflowModelDeployer(port=8080).save('my-deployer')`, or pass deployer=None "
+            "for the local MLflow deployer with defaults."
+        )
+
+
+class ServiceNotFoundError(CtcdError, LookupError):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"No model server matches {what}. List them with `ctcd models list`.")
+
+
+class ModelServerError(CtcdError, RuntimeError):
+    """A model server failed to start, to load a model, or to answer in time."""
+
+    def __init__(self, action: str, cause: str, log_tail: str = "", hint: str = "") -> None:
+        message = f"{action} failed: {cause}"
+        if log_tail:
+            message += f"\n--- last lines of the server log ---\n{log_tail}"
+        if hint:
+            message += f"\n{hint}"
+        super().__init__(message)
+
+
+class ModelLoadError(ModelServerError):
+    """A model version failed its pre-flight load and probe; nothing was swapped."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        log_tail: str,
+        outcome: str = "the server that was serving keeps serving its current version",
+    ) -> None:
+        super().__init__(
+            f"Probing {model} version {version}",
+            f"the model did not load or could not predict its own input example; {outcome}",
+            log_tail,
+            "Fix the model (or its dependencies) and deploy again.",
+        )
+
+
+class ModelConfigError(CtcdError, ValueError):
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}")

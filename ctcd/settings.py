@@ -1,0 +1,63 @@
+"""Where ctcd keeps its local state, and how MLflow tracking is configured.
+
+`CTCD_HOME` (default `.ctcd/` in the working directory) holds MLflow's SQLite database and
+artifacts, each local model server's runtime folder and generated sample data.
+`MLFLOW_TRACKING_URI` overrides the tracking back end.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+def ctcd_home() -> Path:
+    """The folder for all of ctcd's local state, created on first use."""
+    home = Path(os.environ.get("CTCD_HOME", ".ctcd")).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else SQLite in `CTCD_HOME`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ctcd_home() / 'mlflow.db'}"
+
+
+def is_local_tracking(uri: str) -> bool:
+    return urlparse(uri).scheme in ("", "file", "sqlite")
+
+
+def configure_mlflow(experiment_name: str) -> str:
+    """Point MLflow at the configured back end and return the experiment's id.
+
+    With a local back end, new experiments keep their artifacts in `CTCD_HOME/mlartifacts`
+    rather than in whatever folder the process happens to run from.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    location = (ctcd_home() / "mlartifacts").as_uri() if is_local_tracking(uri) else None
+    try:
+        return str(mlflow.create_experiment(experiment_name, artifact_location=location))
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our lookup and create.
+        found = mlflow.get_experiment_by_name(experiment_name)
+        if found is None:
+            raise
+        return str(found.experiment_id)
+
+
+def run_link(run_id: str, experiment_id: str) -> str:
+    """A link (remote server) or a command (local back end) to look at an MLflow run."""
+    uri = tracking_uri()
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return (
+        f"`mlflow ui --backend-store-uri {uri}` then "
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+    )

@@ -1,0 +1,1 @@
+"""Turning flows into Prefect deployments, and finding the servers they deployed."""

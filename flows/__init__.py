@@ -1,0 +1,1 @@
+"""ctcd's Prefect flows and their tasks."""
