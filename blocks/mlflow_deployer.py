@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, HttpUrl
 
 from blocks import local_process as lp
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
@@ -44,6 +44,8 @@ class MLflowModelDeployer(BaseModelDeployer):
     _block_type_name = "MLflow Model Deployer"
     _block_type_slug = "mlflow-model-deployer"
     _description = "Serves registered MLflow model versions from local gunicorn processes."
+    # The scoring protocol these servers speak (ctcd's own docs live in its README).
+    _documentation_url = HttpUrl("https://mlflow.org/docs/latest/deployment/deploy-model-locally/")
 
     host: str = Field(
         default="127.0.0.1", description="Address the servers bind; loopback unless you need more."

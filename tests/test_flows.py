@@ -54,9 +54,11 @@ def test_training_pipeline_registers_a_version_with_report(small_csv, model_name
 
 def test_first_deploy_honours_the_threshold(small_csv, model_name, ctcd_home):
     result = continuous_deployment_pipeline(
-        data_path=small_csv, model_name=model_name, model_params=FAST_RF,
+        data_path=small_csv,
+        model_name=model_name,
+        model_params=FAST_RF,
         criteria={"metric": "r2", "threshold": 0.99},
-    )  # fmt: skip
+    )
     assert not result.deployed and result.service is None
     assert "misses the threshold (>= 0.9900)" in result.reason
     assert _aliases(model_name) == {"challenger": result.model_version}
@@ -74,8 +76,12 @@ def test_deploy_update_in_place_and_refuse_a_worse_model(
     rows = feature_frame(small_table.head(50), "review_score")
     body = '{"dataframe_split": ' + rows.to_json(orient="split", index=False) + "}"
     assert rows.isna().any().any()  # missing values travel as null and are imputed
-    response = httpx.post(first.service.prediction_url, content=body, timeout=10,
-                          headers={"Content-Type": "application/json"})  # fmt: skip
+    response = httpx.post(
+        first.service.prediction_url,
+        content=body,
+        timeout=10,
+        headers={"Content-Type": "application/json"},
+    )
     assert response.status_code == 200
     local = mlflow.pyfunc.load_model(first.model_uri).predict(rows)
     assert response.json()["predictions"] == pytest.approx(list(local))

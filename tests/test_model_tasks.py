@@ -52,10 +52,12 @@ def test_register_logs_everything_and_creates_a_new_version(data, model_name) ->
     metrics = evaluate_model.fn(model, data)
     dataset = Dataset(frame=data.x_train, source="/data/small.csv", sha256="cd" * 32)
     experiment = configure_mlflow(model_name)
-    first = register_model.fn(model, data, dataset, metrics, model_name, "linear", None,
-                              "review_score", experiment)  # fmt: skip
-    second = register_model.fn(model, data, dataset, metrics, model_name, "linear", None,
-                               "review_score", experiment)  # fmt: skip
+    first = register_model.fn(
+        model, data, dataset, metrics, model_name, "linear", None, "review_score", experiment
+    )
+    second = register_model.fn(
+        model, data, dataset, metrics, model_name, "linear", None, "review_score", experiment
+    )
     assert (first.model_version, second.model_version) == ("1", "2")
     run = mlflow.get_run(first.run_id)
     assert run.data.metrics == pytest.approx(metrics)
@@ -72,8 +74,17 @@ def test_champion_is_scored_on_the_same_rows(data, model_name) -> None:
     model = train_model.fn(data, "linear")
     metrics = evaluate_model.fn(model, data)
     dataset = Dataset(frame=data.x_train, source="s.csv", sha256="ef" * 32)
-    reg = register_model.fn(model, data, dataset, metrics, model_name, "linear", None,
-                            "review_score", configure_mlflow(model_name))  # fmt: skip
+    reg = register_model.fn(
+        model,
+        data,
+        dataset,
+        metrics,
+        model_name,
+        "linear",
+        None,
+        "review_score",
+        configure_mlflow(model_name),
+    )
     mlflow.MlflowClient().set_registered_model_alias(model_name, "champion", reg.model_version)
     champion = evaluate_champion.fn(model_name, data)
     assert champion.version == reg.model_version
@@ -83,11 +94,21 @@ def test_champion_is_scored_on_the_same_rows(data, model_name) -> None:
 def test_champion_that_cannot_score_the_rows_says_why(data, model_name) -> None:
     model = train_model.fn(data, "linear")
     dataset = Dataset(frame=data.x_train, source="s.csv", sha256="ef" * 32)
-    reg = register_model.fn(model, data, dataset, {"r2": 0.1}, model_name, "linear", None,
-                            "review_score", configure_mlflow(model_name))  # fmt: skip
+    reg = register_model.fn(
+        model,
+        data,
+        dataset,
+        {"r2": 0.1},
+        model_name,
+        "linear",
+        None,
+        "review_score",
+        configure_mlflow(model_name),
+    )
     mlflow.MlflowClient().set_registered_model_alias(model_name, "champion", reg.model_version)
-    narrower = type(data)(["price"], data.x_train[["price"]], data.x_test[["price"]],
-                          data.y_train, data.y_test)  # fmt: skip
+    narrower = type(data)(
+        ["price"], data.x_train[["price"]], data.x_test[["price"]], data.y_train, data.y_test
+    )
     champion = evaluate_champion.fn(model_name, narrower)
     assert champion.metrics is None and "cannot score these rows" in champion.note
 
