@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.deployer import DeploymentConfig
 from blocks.service import ServiceRecord
 from deployments.lookup import DEFAULT_PIPELINE, DEFAULT_STEP, load_deployer
+from flows import ctcd_flow
 from flows.data import Contract
 from flows.gate import DeploymentCriteria, deployment_trigger, evaluate_champion
 from flows.model import ModelType, RegisteredModel
@@ -45,7 +46,7 @@ def _set_alias(model_name: str, alias: str, version: str) -> None:
     mlflow.MlflowClient().set_registered_model_alias(model_name, alias, version)
 
 
-@flow(name="continuous-deployment-pipeline", log_prints=True)
+@ctcd_flow(name="continuous-deployment-pipeline", log_prints=True)
 def continuous_deployment_pipeline(
     data_path: str | None = None,
     target: str = "review_score",

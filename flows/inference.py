@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.service import ServiceRecord
 from deployments.lookup import find_service
+from flows import ctcd_flow
 from flows.data import Dataset, feature_frame, ingest_data
 from flows.results import InferenceResult
 
@@ -31,7 +32,7 @@ def predictor(service: ServiceRecord, dataset: Dataset, target: str) -> list[flo
     return predictions
 
 
-@flow(name="inference-pipeline", log_prints=True)
+@ctcd_flow(name="inference-pipeline", log_prints=True)
 def inference_pipeline(
     data_path: str | None = None,
     model_name: str = "customer-satisfaction",

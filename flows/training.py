@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import flow
 from sklearn.pipeline import Pipeline
 
 from ctcd.settings import configure_mlflow
+from flows import ctcd_flow
 from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data, validate_data
 from flows.model import (
     ModelType,
@@ -74,7 +74,7 @@ def train_and_register(
     return Trained(dataset, data, model, metrics, registered)
 
 
-@flow(name="training-pipeline", log_prints=True)
+@ctcd_flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
     data_path: str | None = None,
     target: str = "review_score",
