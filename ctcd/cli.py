@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -14,7 +15,7 @@ from ctcd.exceptions import CtcdError
 app = typer.Typer(no_args_is_help=True, help="Continuous training and deployment with Prefect.")
 models = typer.Typer(no_args_is_help=True, help="Inspect and manage served models.")
 app.add_typer(models, name="models")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)
 DeployerOpt = Annotated[
     str | None,
     typer.Option("--deployer", help="Saved deployer block; default: local MLflow deployer."),

@@ -33,7 +33,7 @@ def run() -> None:
         f"  .venv/bin/ctcd models describe {service.uuid[:8]}\n"
         f"  .venv/bin/ctcd models logs {service.uuid[:8]} --tail 20\n"
         f"  .venv/bin/ctcd models stop {service.uuid[:8]}\n"
-        "Try it yourself:\n"
+        "Try it yourself (the model's own input example, 5 rows):\n"
         f"  curl -s {service.prediction_url} -H 'Content-Type: application/json' "
-        '-d \'{"dataframe_records": [{"price": 50, "freight_value": 12}]}\''
+        f"-d @{service.runtime_dir}/models/{service.model_version}/serving_input_example.json"
     )

@@ -95,11 +95,14 @@ def deployment_trigger(
     best = champion.metrics[name]
     gap = abs(value - best)
     if _better(name, value, best):
+        versus = f"better by {gap:.4f}" if gap > 0 else "a tie"
         return GateDecision(
-            True, f"{head} and is at least as good as champion v{champion.version} "
-            f"({name} {best:.4f}, better by {gap:.4f}) on the same held-out rows",
-        )  # fmt: skip
+            True,
+            f"{head} and is at least as good as champion v{champion.version} "
+            f"({name} {best:.4f}, {versus}) on the same held-out rows",
+        )
     return GateDecision(
-        False, f"{head} but is worse than champion v{champion.version} "
+        False,
+        f"{head} but is worse than champion v{champion.version} "
         f"({name} {best:.4f}) by {gap:.4f} on the same held-out rows; not deployed",
-    )  # fmt: skip
+    )

@@ -145,7 +145,7 @@ def test_gate_champion_beaten_and_not_beaten() -> None:
     assert beaten.passed and "champion v3 (rmse 1.2000, better by 0.2000)" in beaten.reason
     assert not kept.passed and "worse than champion v3 (rmse 0.9000) by 0.1000" in kept.reason
     tie = deployment_trigger.fn(CANDIDATE, criteria, ChampionScore("3", dict(CANDIDATE)))
-    assert tie.passed
+    assert tie.passed and "rmse 1.0000, a tie" in tie.reason
 
 
 def test_gate_can_ignore_the_champion_or_replace_one_that_cannot_score() -> None:
