@@ -22,7 +22,7 @@ import httpx
 import psutil
 
 from blocks.service import ServiceRecord
-from ctcd.exceptions import ModelServerError
+from ctcd.exceptions import ModelLoadError, ModelServerError
 
 # Never hand a model server the credentials of the process that deployed it.
 _SECRET_ENV_PREFIXES = ("MLFLOW_TRACKING_", "VAULT_", "BAO_", "AWS_SECRET", "PREFECT_API_KEY")
@@ -129,10 +129,84 @@ def wait_serving(record: ServiceRecord, version: str, timeout: float) -> None:
     )
 
 
-def reload(record: ServiceRecord) -> None:
-    """SIGHUP: gunicorn re-reads its config and replaces its workers, which load current.json."""
+def _signal(record: ServiceRecord, sig: signal.Signals) -> None:
     if record.pid is not None:
-        os.kill(record.pid, signal.SIGHUP)
+        os.kill(record.pid, sig)
+
+
+def workers(record: ServiceRecord) -> list[psutil.Process]:
+    """The master's worker processes, oldest first."""
+    master = process(record)
+    if master is None:
+        return []
+    try:
+        return sorted(master.children(), key=lambda p: p.create_time())
+    except psutil.Error:
+        return []
+
+
+def announced_version(runtime_dir: Path, pid: int) -> str | None:
+    """The model version a worker reported once it had loaded it (see ctcd.serving.app)."""
+    try:
+        data = json.loads((runtime_dir / "workers" / f"{pid}.json").read_text())
+        return str(data["model_version"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def rolling_swap(record: ServiceRecord, runtime_dir: Path, version: str, timeout: float) -> None:
+    """Replace the workers one at a time: SIGTTIN makes the master fork a worker, which loads
+    the model `current.json` names while the old workers keep serving; once it announces
+    `version`, SIGTTOU makes the master retire its oldest worker, which drains its requests.
+    """
+    deadline = time.monotonic() + timeout
+    old = workers(record)
+    seen = {p.pid for p in old}
+    for retiring in old:
+        _signal(record, signal.SIGTTIN)
+        seen.add(_wait_new_worker(record, runtime_dir, version, seen, deadline))
+        _signal(record, signal.SIGTTOU)
+        with contextlib.suppress(psutil.Error):  # already gone
+            retiring.wait(max(0.1, deadline - time.monotonic()))
+    for stale in (runtime_dir / "workers").glob("*.json"):
+        if int(stale.stem) not in seen:
+            stale.unlink(missing_ok=True)
+
+
+def _wait_new_worker(
+    record: ServiceRecord, runtime_dir: Path, version: str, seen: set[int], deadline: float
+) -> int:
+    while time.monotonic() < deadline:
+        if process(record) is None:
+            raise ModelServerError(
+                f"Swapping in {record.model_name} version {version}",
+                "the server process exited",
+                log_tail(record.log_path),
+            )
+        for proc in workers(record):
+            if proc.pid in seen:
+                continue
+            got = announced_version(runtime_dir, proc.pid)
+            if got == version:
+                return proc.pid
+            if got is not None:  # it fell back to the previous version: see ctcd.serving.app
+                raise ModelLoadError(record.model_name, version, log_tail(record.log_path))
+        time.sleep(0.05)
+    raise ModelServerError(
+        f"Swapping in {record.model_name} version {version}",
+        "no new worker announced that version in time",
+        log_tail(record.log_path),
+        "Raise the deployer's deploy_timeout if the model is slow to load.",
+    )
+
+
+def trim_workers(record: ServiceRecord, wanted: int, timeout: float = 15.0) -> None:
+    """Retire the oldest workers until the master runs `wanted` (after a failed swap)."""
+    current = workers(record)
+    for retiring in current[: max(0, len(current) - wanted)]:
+        _signal(record, signal.SIGTTOU)
+        with contextlib.suppress(psutil.Error):
+            retiring.wait(timeout)
 
 
 def terminate(record: ServiceRecord, timeout: float) -> None:
@@ -146,19 +220,6 @@ def terminate(record: ServiceRecord, timeout: float) -> None:
     except psutil.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-
-
-def run_probe(model_path: Path, timeout: float) -> tuple[bool, str]:
-    """Load and score the model's input example in a separate process."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "ctcd.serving.probe", str(model_path)],
-            capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return False, f"probe did not finish within {timeout:.0f} s"
-    output = (done.stdout + done.stderr).strip().splitlines()
-    return done.returncode == 0, "\n".join(output[-25:])
 
 
 def probe_live(record: ServiceRecord, model_dir: Path, timeout: float = 30.0) -> tuple[bool, str]:

@@ -29,9 +29,10 @@ class MLflowModelDeployer(BaseModelDeployer):
     """Serves MLflow model versions on this machine: one gunicorn server (MLflow's scoring
     app on uvicorn workers) per pipeline, step and model, updated in place.
 
-    A new version is copied into the server's runtime folder, loaded and scored in a probe
-    process first, and only then swapped in with a SIGHUP; a version that fails the probe
-    never reaches the server, which keeps serving the old one.
+    A new version is copied into the server's runtime folder and swapped in one worker at a
+    time; each new worker loads it and scores its input example before it accepts a
+    connection, and the old workers serve until it has. A version that fails never takes
+    traffic: the deploy raises with the server log's account, and the old version serves on.
 
     Example:
         ```python
@@ -114,11 +115,8 @@ class MLflowModelDeployer(BaseModelDeployer):
         lp.write_json(Path(str(record.runtime_dir)) / "service.json", data)
         return self._observe(record)
 
-    def _stage(
-        self, runtime: Path, config: DeploymentConfig, timeout: float, probe: bool = True
-    ) -> Path:
-        """Copy the version into the runtime folder and (with `probe`) load it and score its
-        input example in a separate process, so a broken model never reaches a server."""
+    def _stage(self, runtime: Path, config: DeploymentConfig) -> Path:
+        """Copy the version into the runtime folder (`models/<version>`)."""
         import mlflow
 
         from ctcd.settings import tracking_uri
@@ -131,10 +129,6 @@ class MLflowModelDeployer(BaseModelDeployer):
                 path = mlflow.artifacts.download_artifacts(config.model_uri, dst_path=tmp)
                 shutil.rmtree(dest, ignore_errors=True)
                 Path(path).rename(dest)
-        ok, output = lp.run_probe(dest, timeout) if probe else (True, "")
-        if not ok:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise ModelLoadError(config.model_name, config.model_version, output)
         return dest
 
     def _point(self, runtime: Path, config: DeploymentConfig, uuid: str, model: Path) -> None:
@@ -155,8 +149,7 @@ class MLflowModelDeployer(BaseModelDeployer):
         runtime = self._root() / uuid
         runtime.mkdir()
         try:
-            # No traffic to protect yet: the new server itself is the probe.
-            model = self._stage(runtime, config, timeout, probe=False)
+            model = self._stage(runtime, config)
         except Exception:
             shutil.rmtree(runtime, ignore_errors=True)
             raise
@@ -173,6 +166,7 @@ class MLflowModelDeployer(BaseModelDeployer):
             port=port,
             workers=self.workers,
             runtime_dir=str(runtime),
+            history=[config.model_version],
         )
         self._point(runtime, config, uuid, model)
         try:
@@ -213,22 +207,19 @@ class MLflowModelDeployer(BaseModelDeployer):
     ) -> ServiceRecord:
         timeout = timeout or self.deploy_timeout
         runtime = Path(str(record.runtime_dir))
-        try:
-            model = self._stage(runtime, config, timeout)
-        except ModelLoadError as err:
-            self._write_record(record, last_error=str(err))
-            raise
+        model = self._stage(runtime, config)
         previous = json.loads((runtime / "current.json").read_text())
+        lp.write_json(runtime / "previous.json", previous)
         self._point(runtime, config, record.uuid, model)
-        updated = record.model_copy(update=config.model_dump())
+        history = [*record.history, config.model_version][-20:]
+        updated = record.model_copy(update={**config.model_dump(), "history": history})
         if lp.process(record) is None:
             return self._launch(updated, timeout)
-        lp.reload(record)
         try:
-            lp.wait_serving(updated, config.model_version, timeout)
+            lp.rolling_swap(record, runtime, config.model_version, timeout)
         except ModelServerError as err:
             lp.write_json(runtime / "current.json", previous)
-            lp.reload(record)
+            lp.trim_workers(record, record.workers)
             self._write_record(record, last_error=str(err))
             raise
         self._prune(runtime, keep={config.model_version, str(previous["model_version"])})

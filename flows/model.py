@@ -136,6 +136,10 @@ def register_model(
     import skops.io
     from mlflow.models import infer_signature
 
+    if "n_jobs" in model[-1].get_params():
+        # Trained on every core; served one request at a time per worker (workers give the
+        # parallelism), where joblib's thread start-up would cost ~15 ms per single row.
+        model[-1].set_params(n_jobs=1)
     example = data.x_test.dropna().head(5)
     signature = infer_signature(example, model.predict(example))
     trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))

@@ -19,9 +19,14 @@ os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
 os.environ["CTCD_HOME"] = str(_SESSION_DIR / "home")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
+import mlflow  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
+from blocks import DeploymentConfig  # noqa: E402
 from ctcd.sample import generate  # noqa: E402
+from ctcd.settings import configure_mlflow  # noqa: E402
+from flows.data import Dataset, clean_data  # noqa: E402
+from flows.model import evaluate_model, register_model, train_model  # noqa: E402
 
 SMALL_ROWS = 2_000
 FAST_RF = {"n_estimators": 10, "max_depth": 6}
@@ -67,3 +72,46 @@ def ctcd_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 def model_name(request: pytest.FixtureRequest) -> str:
     """A registered-model name of the test's own, so tests share one MLflow database."""
     return "m-" + request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:60]
+
+
+SERVED_MODEL = "served-model"
+
+
+@pytest.fixture(scope="session")
+def versions(small_table) -> dict[str, DeploymentConfig]:
+    """v1 linear, v2 random forest, v3 a random forest whose saved file is corrupt."""
+    data = clean_data.fn(Dataset(frame=small_table, source="s.csv", sha256="00" * 32))
+    experiment = configure_mlflow(SERVED_MODEL)
+    configs = {}
+    for label, kind, params in [
+        ("good", "linear", None),
+        ("better", "random_forest", {"n_estimators": 5}),
+        ("broken", "random_forest", {"n_estimators": 5}),
+    ]:
+        model = train_model.fn(data, kind, params)
+        metrics = evaluate_model.fn(model, data)
+        reg = register_model.fn(
+            model,
+            data,
+            Dataset(frame=small_table, source="s.csv", sha256="00" * 32),
+            metrics,
+            SERVED_MODEL,
+            kind,
+            params,
+            "review_score",
+            experiment,
+        )
+        configs[label] = DeploymentConfig(
+            model_name=SERVED_MODEL,
+            model_version=reg.model_version,
+            model_uri=reg.model_uri,
+            pipeline_name="p",
+            step_name="s",
+            run_id=reg.run_id,
+        )
+    client = mlflow.MlflowClient()
+    source = client.get_model_version(SERVED_MODEL, configs["broken"].model_version).source
+    model_id = source.removeprefix("models:/")
+    location = mlflow.get_logged_model(model_id).artifact_location
+    (Path(location.removeprefix("file://")) / "model.skops").write_bytes(b"not a model")
+    return configs

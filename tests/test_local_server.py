@@ -17,56 +17,12 @@ import mlflow
 import pytest
 from typer.testing import CliRunner
 
-from blocks import DeploymentConfig, MLflowModelDeployer, ServiceRecord
+from blocks import MLflowModelDeployer, ServiceRecord
 from blocks import local_process as lp
 from ctcd.cli import app
-from ctcd.exceptions import DeployerNotFoundError, ModelLoadError
-from ctcd.settings import configure_mlflow
+from ctcd.exceptions import DeployerNotFoundError, ModelLoadError, RollbackError
 from deployments.lookup import find_service, load_deployer
-from flows.data import Dataset, clean_data
-from flows.model import evaluate_model, register_model, train_model
-
-NAME = "served-model"
-
-
-@pytest.fixture(scope="module")
-def versions(small_table) -> dict[str, DeploymentConfig]:
-    """v1 linear, v2 random forest, v3 a random forest whose saved file is corrupt."""
-    data = clean_data.fn(Dataset(frame=small_table, source="s.csv", sha256="00" * 32))
-    experiment = configure_mlflow(NAME)
-    configs = {}
-    for label, kind, params in [
-        ("good", "linear", None),
-        ("better", "random_forest", {"n_estimators": 5}),
-        ("broken", "random_forest", {"n_estimators": 5}),
-    ]:
-        model = train_model.fn(data, kind, params)
-        metrics = evaluate_model.fn(model, data)
-        reg = register_model.fn(
-            model,
-            data,
-            Dataset(frame=small_table, source="s.csv", sha256="00" * 32),
-            metrics,
-            NAME,
-            kind,
-            params,
-            "review_score",
-            experiment,
-        )
-        configs[label] = DeploymentConfig(
-            model_name=NAME,
-            model_version=reg.model_version,
-            model_uri=reg.model_uri,
-            pipeline_name="p",
-            step_name="s",
-            run_id=reg.run_id,
-        )
-    client = mlflow.MlflowClient()
-    source = client.get_model_version(NAME, configs["broken"].model_version).source
-    model_id = source.removeprefix("models:/")
-    location = mlflow.get_logged_model(model_id).artifact_location
-    (Path(location.removeprefix("file://")) / "model.skops").write_bytes(b"not a model")
-    return configs
+from tests.conftest import SERVED_MODEL as NAME
 
 
 def _version_served(record: ServiceRecord) -> str | None:
@@ -219,3 +175,32 @@ def test_cli_inspects_and_manages_servers(versions, ctcd_home):
     assert runner.invoke(app, ["models", "delete", record.uuid, "--yes"]).exit_code == 0
     again = runner.invoke(app, ["models", "delete", record.uuid, "--yes"])
     assert again.exit_code == 0 and "Not found" in again.output
+
+
+def test_rollback_serves_the_previous_version_and_moves_champion(versions, ctcd_home):
+    deployer = MLflowModelDeployer()
+    first = deployer.deploy_model(versions["good"])
+    with pytest.raises(RollbackError, match="has served no other version"):
+        deployer.rollback_model_server(first.uuid)
+    deployer.deploy_model(versions["better"])
+    rolled = deployer.rollback_model_server(first.uuid)
+    assert rolled.uuid == first.uuid and rolled.prediction_url == first.prediction_url
+    assert _version_served(rolled) == versions["good"].model_version
+    champion = mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion")
+    assert str(champion.version) == versions["good"].model_version
+    assert rolled.history == [versions[k].model_version for k in ("good", "better", "good")]
+    with pytest.raises(RollbackError, match="has no registered version 999"):
+        deployer.rollback_model_server(first.uuid, to_version="999")
+    runner = CliRunner()
+    to_better = [
+        "models",
+        "rollback",
+        first.uuid[:8],
+        "--to-version",
+        versions["better"].model_version,
+    ]
+    done = runner.invoke(app, to_better)
+    assert done.exit_code == 0 and f"v{versions['better'].model_version}" in done.output
+    assert _version_served(rolled) == versions["better"].model_version
+    bad = runner.invoke(app, ["models", "rollback", first.uuid[:8], "--to-version", "999"])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1  # one line, the reason

@@ -1,7 +1,7 @@
 """gunicorn settings for ctcd's local model servers (host, port and workers come from argv).
 
 The libraries a worker needs are imported here, in the master, so workers forked after a
-SIGHUP only load the model (about 0.3 s) instead of importing MLflow and scikit-learn.
+SIGTTIN only load the model (about 0.4 s) instead of importing MLflow and scikit-learn.
 """
 
 import fastapi  # noqa: F401

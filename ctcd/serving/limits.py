@@ -1,0 +1,135 @@
+"""Request limits and client-error answers for the model server, as pure ASGI middleware.
+
+`RequestGuard` caps POST bodies at `CTCD_MAX_BODY_BYTES` (default 16 MiB) without buffering
+them, and turns the few malformed requests MLflow's scoring app fails on with a 500 into
+4xx answers that say what was wrong. It does not mask server faults: only exceptions raised
+inside MLflow's decoding of a JSON body are answered as the client's error (400); any other
+exception still propagates to the app's 500 handler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import traceback
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("ctcd.serving")
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+# MLflow's scoring-server function that decodes a JSON body into model input. Exceptions
+# from below it are the body's fault (too deeply nested, integers of over 4,300 digits,
+# unhashable column names); MLflow turns most such errors into 400s but lets these escape.
+_PARSING = ("mlflow.pyfunc.scoring_server", "_parse_json_data")
+
+
+class _TooLarge(Exception):
+    """Raised from the app's `receive` once a body without a length passes the limit, to
+    stop the app reading; the middleware then answers 413."""
+
+
+def max_body_bytes() -> int:
+    """The body-size limit in bytes: `CTCD_MAX_BODY_BYTES`, default 16 MiB."""
+    return int(os.environ.get("CTCD_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single exception inside (nested) exception groups, or `exc` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _raised_while_parsing(exc: BaseException) -> bool:
+    """Whether `exc` came from inside MLflow's decoding of the request body."""
+    return any(
+        (frame.f_globals.get("__name__"), frame.f_code.co_name) == _PARSING
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
+async def _answer(send: Send, status: int, error_code: str, message: str) -> None:
+    """Send a JSON error in MLflow's shape: `{"error_code": ..., "message": ...}`."""
+    body = json.dumps({"error_code": error_code, "message": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestGuard:
+    """ASGI middleware: 413 for POST bodies over the limit, 4xx for malformed requests.
+
+    A declared `Content-Length` over the limit is refused before the body is read; a body
+    without one (chunked) is counted as the app reads it and refused once it passes the
+    limit, if the app has not started its response.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int | None = None) -> None:
+        self.app = app
+        self.max_bytes = max_body_bytes() if max_bytes is None else max_bytes
+
+    def _too_large(self) -> str:
+        return (
+            f"The request body is larger than this server's limit of {self.max_bytes:,} bytes "
+            "(CTCD_MAX_BODY_BYTES). Send fewer rows per request: split the batch into "
+            "several smaller requests."
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await _answer(send, 413, "REQUEST_TOO_LARGE", self._too_large())
+            return
+        if scope["path"] == "/invocations" and not headers.get(b"content-type"):
+            message = (
+                "The request has no Content-Type header. Send JSON as 'application/json' "
+                '(e.g. {"dataframe_split": {"columns": [...], "data": [[...]]}}) or CSV '
+                "as 'text/csv'."
+            )
+            await _answer(send, 415, "UNSUPPORTED_MEDIA_TYPE", message)
+            return
+
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except Exception as exc:  # may arrive wrapped in an ExceptionGroup by anyio
+            if started:
+                raise
+            if received > self.max_bytes:
+                await _answer(send, 413, "REQUEST_TOO_LARGE", self._too_large())
+                return
+            cause = _unwrap(exc)
+            if not isinstance(cause, RecursionError | ValueError | TypeError):
+                raise
+            if not _raised_while_parsing(cause):
+                raise
+            logger.warning("answered 400 to an unparsable request body: %r", cause)
+            detail = "it is nested too deeply" if isinstance(cause, RecursionError) else repr(cause)
+            message = (
+                f"The request body could not be read as model input: {detail[:300]}. Send "
+                "one number (or null) per cell, e.g. "
+                '{"dataframe_split": {"columns": [...], "data": [[1.0, 2.5, ...], ...]}}.'
+            )
+            await _answer(send, 400, "BAD_REQUEST", message)
