@@ -10,7 +10,7 @@ from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict
 
 from blocks.service import ServiceRecord, ServiceState
-from ctcd.exceptions import ServiceNotFoundError
+from ctcd.exceptions import RollbackError, ServiceNotFoundError
 
 
 class DeploymentConfig(BaseModel):
@@ -24,6 +24,7 @@ class DeploymentConfig(BaseModel):
     pipeline_name: str
     step_name: str
     run_id: str | None = None
+    flow_run_id: str | None = None
 
 
 class BaseModelDeployer(Block):
@@ -108,6 +109,38 @@ class BaseModelDeployer(Block):
         self._delete(record, timeout)
         return True
 
+    def rollback_model_server(
+        self, uuid: str, to_version: str | None = None, timeout: float | None = None
+    ) -> ServiceRecord:
+        """Serve an earlier registered version (default: the one this server served before
+        the current one) through the same health-gated path as a deploy, then give it the
+        `champion` alias. The server keeps its uuid and URL."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        from ctcd.settings import tracking_uri
+
+        record = self.get_model_server(uuid)
+        target = to_version or _previous_version(record)
+        client = mlflow.MlflowClient(tracking_uri())
+        try:
+            version = client.get_model_version(record.model_name, target)
+        except MlflowException as err:
+            raise RollbackError(
+                record.model_name, f"it has no registered version {target}"
+            ) from err
+        config = DeploymentConfig(
+            model_name=record.model_name,
+            model_version=str(version.version),
+            model_uri=f"models:/{record.model_name}/{version.version}",
+            pipeline_name=record.pipeline_name,
+            step_name=record.step_name,
+            run_id=version.run_id,
+        )
+        served = self.deploy_model(config, replace=True, timeout=timeout)
+        client.set_registered_model_alias(record.model_name, "champion", config.model_version)
+        return served
+
     def get_logs(self, uuid: str, tail: int | None = None) -> list[str]:
         """The server's log lines (the last `tail` ones when given)."""
         return self._logs(self.get_model_server(uuid), tail)
@@ -145,3 +178,13 @@ class BaseModelDeployer(Block):
 
     @abstractmethod
     def _follow(self, record: ServiceRecord) -> Iterator[str]: ...
+
+
+def _previous_version(record: ServiceRecord) -> str:
+    for version in reversed(record.history):
+        if version != record.model_version:
+            return version
+    raise RollbackError(
+        record.model_name,
+        f"server {record.uuid[:8]} has served no other version; pass the version to serve",
+    )

@@ -36,6 +36,12 @@ class ServiceRecord(BaseModel):
     pipeline_name: str
     step_name: str
     run_id: str | None = Field(default=None, description="MLflow run that produced the model.")
+    flow_run_id: str | None = Field(
+        default=None, description="Prefect flow run that deployed the version being served."
+    )
+    history: list[str] = Field(
+        default_factory=list, description="Versions this server has served, oldest first."
+    )
     desired_state: ServiceState = ServiceState.ACTIVE
     status: ServiceState = ServiceState.PENDING
     status_message: str = ""

@@ -127,6 +127,24 @@ def delete(
 
 
 @models.command()
+def rollback(
+    uuid: str,
+    to_version: Annotated[
+        str | None, typer.Option("--to-version", help="Registered version to serve.")
+    ] = None,
+    deployer: DeployerOpt = None,
+) -> None:
+    """Serve the previous (or a given) version on the same URL and make it the champion."""
+    record = _get(uuid, deployer)
+    try:
+        record = _deployer(deployer).rollback_model_server(record.uuid, to_version)
+    except CtcdError as err:
+        _fail(str(err).splitlines()[0])
+    typer.echo(f"{record.status.value}: {record.model_name} v{record.model_version} "
+               f"at {record.prediction_url} (champion)")  # fmt: skip
+
+
+@models.command()
 def logs(
     uuid: str,
     tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,

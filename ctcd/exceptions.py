@@ -119,3 +119,11 @@ class ModelLoadError(ModelServerError):
 class ModelConfigError(CtcdError, ValueError):
     def __init__(self, problem: str) -> None:
         super().__init__(f"{problem}")
+
+
+class RollbackError(CtcdError, ValueError):
+    def __init__(self, model: str, why: str) -> None:
+        super().__init__(
+            f"Cannot roll back {model}: {why}. "
+            "`ctcd models rollback ID --to-version V` serves a given registered version."
+        )

@@ -49,5 +49,52 @@ def find_service(
     return found[0]
 
 
+def find_service_for_latest_run(
+    deployment: str | None = None,
+    flow_name: str | None = None,
+    deployer: str | BaseModelDeployer | None = None,
+) -> ServiceRecord:
+    """The server deployed by the latest completed run of a Prefect deployment
+    ("flow-name/deployment-name") or flow that deployed one, asked of Prefect's API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas import filters
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    if (deployment is None) == (flow_name is None):
+        raise ValueError("Pass exactly one of `deployment` or `flow_name`.")
+    by_run = {r.flow_run_id: r for r in _deployer(deployer).find_model_server() if r.flow_run_id}
+    completed = filters.FlowRunFilter(
+        state=filters.FlowRunFilterState(
+            type=filters.FlowRunFilterStateType(any_=[StateType.COMPLETED])
+        )
+    )
+    with get_client(sync_client=True) as client:
+        if deployment is not None:
+            found = client.read_deployment_by_name(deployment)
+            scope: dict[str, object] = {
+                "deployment_filter": filters.DeploymentFilter(
+                    id=filters.DeploymentFilterId(any_=[found.id])
+                )
+            }
+        else:
+            scope = {
+                "flow_filter": filters.FlowFilter(
+                    name=filters.FlowFilterName(any_=[str(flow_name)])
+                )
+            }
+        runs = client.read_flow_runs(
+            flow_run_filter=completed,
+            sort=FlowRunSort.END_TIME_DESC,
+            limit=200,
+            **scope,  # type: ignore[arg-type]
+        )
+    for run in runs:
+        if str(run.id) in by_run:
+            return by_run[str(run.id)]
+    what = f"deployment '{deployment}'" if deployment else f"flow '{flow_name}'"
+    raise ServiceNotFoundError(f"a completed run of {what} that deployed a model")
+
+
 def _deployer(deployer: str | BaseModelDeployer | None) -> BaseModelDeployer:
     return deployer if isinstance(deployer, BaseModelDeployer) else load_deployer(deployer)

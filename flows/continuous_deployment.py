@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from blocks.deployer import DeploymentConfig
 from blocks.service import ServiceRecord
@@ -36,6 +37,7 @@ def deploy_model(
         pipeline_name=pipeline_name,
         step_name=step_name,
         run_id=registered.run_id,
+        flow_run_id=flow_run.get_id(),
     )
     return load_deployer(deployer).deploy_model(config, replace=True, timeout=timeout)
 

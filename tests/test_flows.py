@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.flow_engine import run_flow
 
 from blocks import MLflowModelDeployer
 from ctcd import exceptions as exc
+from deployments.lookup import find_service_for_latest_run
 from flows.continuous_deployment import continuous_deployment_pipeline
 from flows.data import feature_frame
 from flows.inference import inference_pipeline
@@ -156,3 +158,21 @@ def test_inference_pipeline_uses_the_running_server(small_csv, small_table, mode
 def test_inference_without_a_server_says_what_to_do(small_csv, model_name, ctcd_home):
     with pytest.raises(exc.ServiceNotFoundError, match="ctcd models list"):
         inference_pipeline(data_path=small_csv, model_name=model_name)
+
+
+def test_lookup_by_flow_and_by_deployment(small_csv, model_name, ctcd_home):
+    params = {"data_path": small_csv, "model_name": model_name, "model_type": "linear"}
+    result = continuous_deployment_pipeline(**params)
+    by_flow = find_service_for_latest_run(flow_name="continuous-deployment-pipeline")
+    assert by_flow.uuid == result.service.uuid
+
+    name = f"t-{model_name}"[:60]
+    deployment_id = continuous_deployment_pipeline.to_deployment(name=name).apply()
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run_from_deployment(deployment_id, parameters=params)
+    run_flow(continuous_deployment_pipeline, flow_run=flow_run, parameters=params)
+    found = find_service_for_latest_run(deployment=f"continuous-deployment-pipeline/{name}")
+    assert found.uuid == result.service.uuid and found.flow_run_id == str(flow_run.id)
+    assert found.model_version == "2"
+    with pytest.raises(ValueError, match="exactly one"):
+        find_service_for_latest_run()
