@@ -1,0 +1,74 @@
+"""Shared set-up for the serving benchmarks: an isolated CTCD_HOME and MLflow database with
+two registered random-forest versions trained on the full 115,609-row sample."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def isolated_home() -> Path:
+    work = Path(tempfile.mkdtemp(prefix="ctcd-bench-serving-"))
+    os.environ.update(
+        CTCD_HOME=str(work / "home"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
+        CTCD_WARM_START="0",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
+    return work
+
+
+def register_two_versions(model_name: str = "bench-model") -> list:
+    """v1: random forest with ctcd's defaults (100 trees, depth 12); v2: 60 trees."""
+    from blocks import DeploymentConfig
+    from ctcd.settings import configure_mlflow
+    from flows.data import clean_data, ingest_data
+    from flows.model import evaluate_model, register_model, train_model
+
+    dataset = ingest_data.fn(None)
+    data = clean_data.fn(dataset)
+    experiment = configure_mlflow(model_name)
+    configs = []
+    for params in ({}, {"n_estimators": 60}):
+        model = train_model.fn(data, "random_forest", params)
+        metrics = evaluate_model.fn(model, data)
+        reg = register_model.fn(
+            model,
+            data,
+            dataset,
+            metrics,
+            model_name,
+            "random_forest",
+            params,
+            "review_score",
+            experiment,
+        )
+        configs.append(
+            DeploymentConfig(
+                model_name=model_name,
+                model_version=reg.model_version,
+                model_uri=reg.model_uri,
+                pipeline_name="bench",
+                step_name="serve",
+            )
+        )
+    return configs
+
+
+def example_body(record) -> bytes:
+    folder = Path(record.runtime_dir, "models", record.model_version)
+    return (folder / "serving_input_example.json").read_bytes()
+
+
+def single_row_body(record) -> bytes:
+    import json
+
+    body = json.loads(example_body(record))
+    body["dataframe_split"]["data"] = body["dataframe_split"]["data"][:1]
+    return json.dumps(body).encode()
