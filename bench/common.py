@@ -24,8 +24,10 @@ def isolated_home() -> Path:
     return work
 
 
-def register_two_versions(model_name: str = "bench-model") -> list:
-    """v1: random forest with ctcd's defaults (100 trees, depth 12); v2: 60 trees."""
+def register_two_versions(
+    model_name: str = "bench-model", model_type: str = "random_forest"
+) -> list:
+    """v1: ctcd's defaults (random forest: 100 trees, depth 12); v2: 60 trees (or defaults)."""
     from blocks import DeploymentConfig
     from ctcd.settings import configure_mlflow
     from flows.data import clean_data, ingest_data
@@ -35,8 +37,9 @@ def register_two_versions(model_name: str = "bench-model") -> list:
     data = clean_data.fn(dataset)
     experiment = configure_mlflow(model_name)
     configs = []
-    for params in ({}, {"n_estimators": 60}):
-        model = train_model.fn(data, "random_forest", params)
+    second = {"n_estimators": 60} if model_type == "random_forest" else {}
+    for params in ({}, second):
+        model = train_model.fn(data, model_type, params)
         metrics = evaluate_model.fn(model, data)
         reg = register_model.fn(
             model,
@@ -44,7 +47,7 @@ def register_two_versions(model_name: str = "bench-model") -> list:
             dataset,
             metrics,
             model_name,
-            "random_forest",
+            model_type,
             params,
             "review_score",
             experiment,

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/serving.py [--seconds 8]
 
-The same model (random forest, 100 trees, depth 12, trained on the 115,609-row sample) behind
+The same model (default: random forest, 100 trees, depth 12, trained on the 115,609-row
+sample; `--model-type linear` makes the server's own cost dominate) behind
 each server, 1 worker then 2 workers each; keep-alive clients from ctcd's load generator
 (Python threads, so the client shares the 2 cores with the server: compare ratios).
 """
@@ -89,12 +90,13 @@ def in_process(model_uri: str, body: bytes, seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--model-type", default="random_forest", help="or linear: server cost")
     args = parser.parse_args()
     isolated_home()
     from blocks import MLflowModelDeployer
 
-    print("training the model on the 115,609-row sample ...", flush=True)
-    config = register_two_versions()[0]
+    print(f"training a {args.model_type} model on the 115,609-row sample ...", flush=True)
+    config = register_two_versions(model_type=args.model_type)[0]
     for workers in (1, 2):
         deployer = MLflowModelDeployer(workers=workers)
         record = deployer.deploy_model(config)

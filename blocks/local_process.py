@@ -190,7 +190,7 @@ def _wait_new_worker(
             if got == version:
                 return proc.pid
             if got is not None:  # it fell back to the previous version: see ctcd.serving.app
-                raise ModelLoadError(record.model_name, version, log_tail(record.log_path))
+                raise ModelLoadError(record.model_name, version, log_tail(record.log_path, 80))
         time.sleep(0.05)
     raise ModelServerError(
         f"Swapping in {record.model_name} version {version}",
