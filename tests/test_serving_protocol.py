@@ -20,13 +20,9 @@ import psutil
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from blocks import DeploymentConfig, MLflowModelDeployer, ServiceRecord
+from blocks import MLflowModelDeployer, ServiceRecord
 from ctcd.serving.limits import RequestGuard
-from ctcd.settings import configure_mlflow
-from flows.data import Dataset, clean_data
-from flows.model import evaluate_model, register_model, train_model
 
-NAME = "fuzz-model"
 LIMIT = 1024 * 1024  # the server's CTCD_MAX_BODY_BYTES in this module
 SEED = 20_240_611
 JSON = "application/json"
@@ -49,23 +45,9 @@ class Case:
 
 
 @pytest.fixture(scope="module")
-def server(small_table, tmp_path_factory) -> Iterator[ServiceRecord]:
-    """One linear model served by two workers with a 1 MiB body limit; deleted afterwards."""
-    dataset = Dataset(frame=small_table, source="s.csv", sha256="00" * 32)
-    data = clean_data.fn(dataset)
-    model = train_model.fn(data, "linear", None)
-    metrics = evaluate_model.fn(model, data)
-    reg = register_model.fn(
-        model, data, dataset, metrics, NAME, "linear", None, "review_score", configure_mlflow(NAME)
-    )
-    config = DeploymentConfig(
-        model_name=NAME,
-        model_version=reg.model_version,
-        model_uri=reg.model_uri,
-        pipeline_name="fuzz",
-        step_name="serve",
-        run_id=reg.run_id,
-    )
+def server(versions, tmp_path_factory) -> Iterator[ServiceRecord]:
+    """The session's linear model served by two workers with a 1 MiB body limit."""
+    config = versions["good"]
     deployer = MLflowModelDeployer(workers=2, root_dir=str(tmp_path_factory.mktemp("fuzz-srv")))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CTCD_MAX_BODY_BYTES", str(LIMIT))  # the server inherits it when spawned
