@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -114,6 +116,23 @@ def _log_dataset(dataset: Dataset, data: CleanData, target: str) -> None:
     mlflow.log_input(ml_dataset, context="training")
 
 
+REFERENCE_ROWS = 5_000
+REFERENCE_PATH = "reference/reference.parquet"
+
+
+def _log_reference(data: CleanData, target: str) -> None:
+    """A sample of the training rows (features and target), stored with the run so the
+    drift monitor can compare new batches with what the model learned from."""
+    import mlflow
+
+    frame = pd.concat([data.x_train, data.y_train.rename(target)], axis=1)
+    sample = frame.sample(min(REFERENCE_ROWS, len(frame)), random_state=SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "reference.parquet"
+        sample.to_parquet(path, index=False)
+        mlflow.log_artifact(str(path), artifact_path="reference")
+
+
 @task(cache_policy=NO_CACHE)
 def register_model(
     model: Pipeline,
@@ -151,6 +170,7 @@ def register_model(
         mlflow.set_tags({"ctcd.data_sha256": dataset.sha256, "ctcd.data_source": dataset.source})
         mlflow.set_tags(tags or {})
         _log_dataset(dataset, data, target)
+        _log_reference(data, target)
         info = mlflow.sklearn.log_model(
             model,
             name="model",
