@@ -10,11 +10,12 @@ from prefect.runtime import flow_run
 
 from blocks.deployer import DeploymentConfig
 from blocks.service import ServiceRecord
+from ctcd.exceptions import DataError, ModelConfigError
 from deployments.lookup import DEFAULT_PIPELINE, DEFAULT_STEP, load_deployer
 from flows import ctcd_flow
-from flows.data import Contract
+from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data
 from flows.gate import DeploymentCriteria, deployment_trigger, evaluate_champion
-from flows.model import ModelType, RegisteredModel
+from flows.model import FLOW_RUN_TAG, ModelType, RegisteredModel
 from flows.report import publish_report
 from flows.results import DeploymentResult
 from flows.training import train_and_register
@@ -68,30 +69,127 @@ def continuous_deployment_pipeline(
         deployer: name of a saved deployer block; None is the local MLflow deployer.
         Others: as in `training_pipeline`.
     """
-    criteria = DeploymentCriteria.model_validate(criteria or {})
     trained = train_and_register(
         data_path, target, model_type, model_name, model_params, experiment_name, contract
     )
-    reg = trained.registered
-    champion = evaluate_champion(model_name, trained.data)
-    decision = deployment_trigger(trained.metrics, criteria, champion)
-    print(f"Gate for {model_name} v{reg.model_version}: {decision.reason}")
+    return gate_and_deploy(
+        trained.registered, trained.metrics, trained.data, trained.dataset, criteria, deployer
+    )
+
+
+def gate_and_deploy(
+    reg: RegisteredModel,
+    metrics: dict[str, float],
+    data: CleanData,
+    dataset: Dataset,
+    criteria: DeploymentCriteria | dict[str, Any] | None,
+    deployer: str | None,
+) -> DeploymentResult:
+    """Gate a registered version on its held-out rows; deploy it and make it champion if it
+    passes, else mark it challenger. Publishes the run's report."""
+    criteria = DeploymentCriteria.model_validate(criteria or {})
+    champion = evaluate_champion(reg.model_name, data)
+    decision = deployment_trigger(metrics, criteria, champion)
+    print(f"Gate for {reg.model_name} v{reg.model_version}: {decision.reason}")
     service: ServiceRecord | None
     if decision.passed:
         service = deploy_model(reg, deployer)
-        _set_alias(model_name, "champion", reg.model_version)
+        _set_alias(reg.model_name, "champion", reg.model_version)
     else:
-        _set_alias(model_name, "challenger", reg.model_version)
+        _set_alias(reg.model_name, "challenger", reg.model_version)
         running = load_deployer(deployer).find_model_server(
-            pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=model_name
+            pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=reg.model_name
         )
         service = running[0] if running else None
     publish_report(
-        reg.model_name, reg.model_version, trained.metrics, reg.run_id, reg.experiment_id,
-        trained.dataset.source, trained.dataset.sha256,
+        reg.model_name,
+        reg.model_version,
+        metrics,
+        reg.run_id,
+        reg.experiment_id,
+        dataset.source,
+        dataset.sha256,
         ("deployed: " if decision.passed else "refused: ") + decision.reason,
         service.prediction_url if service else None,
-    )  # fmt: skip
-    return DeploymentResult(
-        **trained.result_fields(), deployed=decision.passed, reason=decision.reason, service=service
     )
+    return DeploymentResult(
+        metrics=metrics,
+        model_name=reg.model_name,
+        model_version=reg.model_version,
+        model_uri=reg.model_uri,
+        run_id=reg.run_id,
+        data_source=dataset.source,
+        data_sha256=dataset.sha256,
+        deployed=decision.passed,
+        reason=decision.reason,
+        service=service,
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def find_registered_version(
+    model_name: str, model_version: str | None, training_flow_run_id: str | None
+) -> tuple[RegisteredModel, dict[str, float], dict[str, str]]:
+    """The version to deploy: given, or the one a training flow run registered."""
+    import mlflow
+
+    from ctcd.settings import configure_mlflow
+
+    experiment_id = configure_mlflow(model_name)
+    client = mlflow.MlflowClient()
+    if model_version is None:
+        model_version = _version_from_flow_run(client, model_name, training_flow_run_id)
+    version = client.get_model_version(model_name, model_version)
+    run = mlflow.get_run(str(version.run_id))
+    reg = RegisteredModel(
+        model_name,
+        str(version.version),
+        f"models:/{model_name}/{version.version}",
+        run.info.run_id,
+        run.info.experiment_id or experiment_id,
+    )
+    return reg, dict(run.data.metrics), dict(run.data.tags)
+
+
+def _version_from_flow_run(client: Any, model_name: str, flow_run_id: str | None) -> str:
+    import mlflow
+
+    if flow_run_id is None:
+        raise ModelConfigError("Pass model_version or training_flow_run_id.")
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
+        search_all_experiments=True,
+        output_format="list",
+    )
+    for run in runs:
+        for version in client.search_model_versions(f"run_id='{run.info.run_id}'"):
+            if version.name == model_name:
+                return str(version.version)
+    raise ModelConfigError(
+        f"No version of {model_name} was registered by Prefect flow run {flow_run_id}. "
+        "Did that run fail before registering, or train another model_name?"
+    )
+
+
+@ctcd_flow(name="deploy-model-version", log_prints=True)
+def deploy_model_version(
+    model_name: str = "customer-satisfaction",
+    model_version: str | None = None,
+    training_flow_run_id: str | None = None,
+    target: str = "review_score",
+    criteria: DeploymentCriteria | None = None,
+    deployer: str | None = None,
+) -> DeploymentResult:
+    """Gate and deploy a version that is already registered: the given one, or the one the
+    training flow run `training_flow_run_id` registered (what the continuous-deployment
+    trigger passes). It re-reads the exact table the version was trained on (its SHA-256
+    must match) so the champion is compared on the same held-out rows."""
+    reg, metrics, tags = find_registered_version(model_name, model_version, training_flow_run_id)
+    dataset = ingest_data(tags["ctcd.data_source"])
+    if dataset.sha256 != tags["ctcd.data_sha256"]:
+        raise DataError(
+            f"'{dataset.source}' changed since {model_name} v{reg.model_version} was trained on "
+            "it (its SHA-256 differs), so its held-out rows cannot be rebuilt. Retrain instead."
+        )
+    data = clean_data(dataset, target)
+    return gate_and_deploy(reg, metrics, data, dataset, criteria, deployer)

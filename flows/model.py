@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from sklearn.base import RegressorMixin
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
 from sklearn.impute import SimpleImputer
@@ -116,6 +117,7 @@ def _log_dataset(dataset: Dataset, data: CleanData, target: str) -> None:
     mlflow.log_input(ml_dataset, context="training")
 
 
+FLOW_RUN_TAG = "ctcd.prefect_flow_run_id"
 REFERENCE_ROWS = 5_000
 REFERENCE_PATH = "reference/reference.parquet"
 
@@ -168,6 +170,7 @@ def register_model(
         mlflow.log_params({"data_rows": len(dataset.frame), "features": ",".join(data.features)})
         mlflow.log_metrics(metrics)
         mlflow.set_tags({"ctcd.data_sha256": dataset.sha256, "ctcd.data_source": dataset.source})
+        mlflow.set_tag(FLOW_RUN_TAG, flow_run.get_id() or "")
         mlflow.set_tags(tags or {})
         _log_dataset(dataset, data, target)
         _log_reference(data, target)

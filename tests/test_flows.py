@@ -9,13 +9,19 @@ import mlflow
 import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowFilter,
+    FlowFilterName,
+)
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.flow_engine import run_flow
 
 from blocks import MLflowModelDeployer
 from ctcd import exceptions as exc
 from deployments.lookup import find_service_for_latest_run
-from flows.continuous_deployment import continuous_deployment_pipeline
+from flows.continuous_deployment import continuous_deployment_pipeline, deploy_model_version
 from flows.data import feature_frame
 from flows.inference import inference_pipeline
 from flows.training import training_pipeline
@@ -176,3 +182,28 @@ def test_lookup_by_flow_and_by_deployment(small_csv, model_name, ctcd_home):
     assert found.model_version == "2"
     with pytest.raises(ValueError, match="exactly one"):
         find_service_for_latest_run()
+
+
+def test_deploy_model_version_from_a_training_run(small_csv, model_name, ctcd_home, tmp_path):
+    trained = training_pipeline(data_path=small_csv, model_name=model_name, model_type="linear")
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["training-pipeline"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+    result = deploy_model_version(model_name=model_name, training_flow_run_id=str(run.id))
+    assert result.deployed and result.model_version == trained.model_version
+    assert result.metrics == pytest.approx(trained.metrics)
+    assert _served(result.service.prediction_url)["model_version"] == trained.model_version
+    assert _aliases(model_name) == {"champion": trained.model_version}
+    with pytest.raises(exc.ModelConfigError, match="No version of .* was registered by"):
+        deploy_model_version(model_name=model_name, training_flow_run_id="no-such-run")
+
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(Path(small_csv).read_bytes())
+    again = training_pipeline(data_path=str(copy), model_name=model_name, model_type="linear")
+    text = copy.read_text()
+    copy.write_text(text + text.splitlines()[-1] + "\n")  # the table changes afterwards
+    with pytest.raises(exc.DataError, match="changed since"):
+        deploy_model_version(model_name=model_name, model_version=again.model_version)
