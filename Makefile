@@ -30,6 +30,9 @@ lint: venv
 test: lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest
 
+deploy: venv
+	$(VENV)/bin/python -m deployments.setup
+
 bench: venv
 	$(VENV)/bin/python bench/pipeline.py
 

@@ -156,6 +156,7 @@ def _version_from_flow_run(client: Any, model_name: str, flow_run_id: str | None
 
     if flow_run_id is None:
         raise ModelConfigError("Pass model_version or training_flow_run_id.")
+    flow_run_id = flow_run_id.removeprefix("prefect.flow-run.")  # as an event's resource id
     runs = mlflow.search_runs(
         filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
         search_all_experiments=True,

@@ -1,0 +1,90 @@
+"""`make deploy`: register ctcd's block types, create the work pools `prefect.yaml` names,
+and create every deployment with `prefect deploy --all --no-prompt`, against the Prefect
+server in `PREFECT_API_URL`.
+
+    PREFECT_API_URL=http://127.0.0.1:4200/api make deploy
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+POOL_TYPES = {"ctcd-process": "process"}
+
+
+class DeployError(RuntimeError):
+    pass
+
+
+def _prefect(*args: str, env: dict[str, str]) -> None:
+    """Run the prefect CLI of this environment; stop with its output on failure."""
+    cli = Path(sys.executable).with_name("prefect")
+    done = subprocess.run([str(cli), *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).strip()
+        raise DeployError(f"`prefect {' '.join(args)}` failed:\n{output[-3000:]}")
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise DeployError(
+            "PREFECT_API_URL is not set. Start a server (`.venv/bin/prefect server start`) and "
+            "run `PREFECT_API_URL=http://127.0.0.1:4200/api make deploy`."
+        )
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        if client.api_healthcheck() is not None:
+            raise DeployError(f"The Prefect API at {url} is not reachable: is the server running?")
+    return str(url)
+
+
+def _pools(spec: dict[str, Any]) -> list[str]:
+    names = {d.get("work_pool", {}).get("name") for d in spec.get("deployments", [])}
+    unknown = sorted(n for n in names if n not in POOL_TYPES)
+    if unknown:
+        raise DeployError(
+            f"prefect.yaml names work pool(s) {', '.join(unknown)} that make deploy does not "
+            f"know how to create; use one of: {', '.join(POOL_TYPES)}."
+        )
+    return sorted(n for n in names if n)
+
+
+def _existing_pools() -> set[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {pool.name for pool in client.read_work_pools()}
+
+
+def deploy(prefect_file: Path = ROOT / "prefect.yaml") -> None:
+    url = _api_url()
+    spec = yaml.safe_load(prefect_file.read_text())
+    pools = _pools(spec)
+    env = {**os.environ, "PREFECT_API_URL": url, "CTCD_PROJECT_DIR": str(ROOT)}
+    print(f"Prefect API: {url}")
+    _prefect("block", "register", "-m", "blocks", env=env)
+    existing = _existing_pools()
+    for name in pools:
+        if name not in existing:
+            _prefect("work-pool", "create", name, "--type", POOL_TYPES[name], env=env)
+            print(f"created work pool {name} ({POOL_TYPES[name]})")
+    _prefect("deploy", "--all", "--no-prompt", "--prefect-file", str(prefect_file), env=env)
+    print("deployments: " + ", ".join(d["name"] for d in spec["deployments"]))
+
+
+if __name__ == "__main__":
+    try:
+        deploy(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "prefect.yaml")
+    except DeployError as err:
+        sys.exit(f"make deploy: {err}")

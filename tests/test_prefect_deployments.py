@@ -1,0 +1,240 @@
+"""`make deploy` and the deployments' schedules and triggers, on a real `prefect server start`
+(SQLite, loopback) with a real process worker. Nothing is mocked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import DeploymentUpdate
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from blocks import MLflowModelDeployer
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A real Prefect server on SQLite; yields the environment that points at it."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        CTCD_WARM_START="0",
+    )
+    port = url.split(":")[2].split("/")[0]
+    proc = _start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
+        env,
+        home / "server.log",
+    )
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        else:
+            pytest.fail(
+                f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}"
+            )
+        yield {**env, "PREFECT_API_URL": url}
+    finally:
+        _stop(proc)
+
+
+def _make_deploy(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "--no-print-directory", "deploy", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _api(env: dict[str, str]) -> Any:
+    """A sync Prefect client for the real server (the session's harness stays untouched)."""
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return get_client(sync_client=True)
+
+
+def _wait(check: Callable[[], Any], seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(1)
+    pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def deployed(server) -> dict[str, str]:
+    done = _make_deploy(server)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return server
+
+
+def test_make_deploy_creates_every_deployment_schedule_and_trigger(deployed) -> None:
+    with _api(deployed) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        automations = client.read_automations()
+        [pool] = [p for p in client.read_work_pools() if p.name == "ctcd-process"]
+    assert set(deployments) == {
+        "continuous-training",
+        "continuous-deployment",
+        "train-and-deploy",
+        "batch-inference",
+        "drift-monitor",
+    }
+    assert pool.type == "process"
+    training = deployments["continuous-training"]
+    assert training.schedules[0].schedule.interval.total_seconds() == 14 * 24 * 3600
+    assert deployments["batch-inference"].schedules[0].schedule.cron == "0 6 * * *"
+    assert "criteria" in deployments["continuous-deployment"].parameter_openapi_schema["properties"]
+    expects = sorted(next(iter(a.trigger.expect)) for a in automations)
+    assert expects == ["ctcd.drift.detected", "prefect.flow-run.Completed"]
+
+
+def _completed_runs(env: dict[str, str], deployment: str) -> list[Any]:
+    completed = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))
+    )
+    names = DeploymentFilter(name=DeploymentFilterName(any_=[deployment]))
+    with _api(env) as client:
+        return client.read_flow_runs(flow_run_filter=completed, deployment_filter=names)
+
+
+def test_training_triggers_deployment_and_drift_triggers_training(deployed, small_csv, tmp_path):
+    env = {
+        **deployed,
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "CTCD_HOME": str(tmp_path / "home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    worker = _start(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "ctcd-process"],
+        env,
+        tmp_path / "worker.log",
+    )
+    deployer = MLflowModelDeployer(root_dir=str(tmp_path / "home" / "servers"))
+    try:
+        with _api(env) as client:
+            training = client.read_deployment_by_name("training-pipeline/continuous-training")
+            params = {"data_path": small_csv, "model_type": "linear"}
+            client.create_flow_run_from_deployment(training.id, parameters=params)
+        _wait(lambda: _completed_runs(env, "continuous-deployment"), 180, "the triggered deploy")
+        [first] = deployer.find_model_server()
+        assert first.status.value == "active" and first.model_version == "1"
+
+        # Drift: the event names the model; the trigger runs continuous-training, whose
+        # completion triggers the deploy again (same data: a tie, so version 2 is served).
+        with _api(env) as client:
+            client.update_deployment(training.id, DeploymentUpdate(parameters=params))
+        emit = (
+            "from prefect.events import emit_event; emit_event(event='ctcd.drift.detected', "
+            "resource={'prefect.resource.id': 'ctcd.model.customer-satisfaction'}, "
+            "payload={'drifted_features': ['price']})"
+        )
+        subprocess.run([sys.executable, "-c", emit], env=env, check=True, timeout=60)
+        _wait(lambda: len(_completed_runs(env, "continuous-deployment")) >= 2, 180, "drift chain")
+        [served] = deployer.find_model_server()
+        assert served.model_version == "2" and served.uuid == first.uuid
+        assert len(_completed_runs(env, "continuous-training")) == 2
+    finally:
+        _stop(worker)
+        for record in deployer.find_model_server():
+            deployer.delete_model_server(record.uuid)
+
+
+def test_make_deploy_refuses_bad_input_before_applying_anything(server, tmp_path) -> None:
+    no_api = {k: v for k, v in server.items() if k != "PREFECT_API_URL"}
+    done = _make_deploy(no_api)
+    assert done.returncode != 0 and "PREFECT_API_URL is not set" in done.stderr
+
+    bad = tmp_path / "prefect.yaml"
+    text = (ROOT / "prefect.yaml").read_text().replace("name: ctcd-process", "name: gpu-pool")
+    bad.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "deployments.setup", str(bad)],
+        cwd=ROOT,
+        env=server,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "gpu-pool" in done.stderr
+    with _api(server) as client:
+        assert "gpu-pool" not in {p.name for p in client.read_work_pools()}
+
+
+def test_serve_builds_the_same_deployments_from_prefect_yaml() -> None:
+    from deployments.serve import build
+
+    built = {d.name: d for d in build()}
+    assert set(built) == {
+        "continuous-training",
+        "continuous-deployment",
+        "train-and-deploy",
+        "batch-inference",
+        "drift-monitor",
+    }
+    interval = built["continuous-training"].schedules[0].schedule.interval
+    assert interval.total_seconds() == 14 * 24 * 3600
+    [trigger] = built["continuous-deployment"].triggers
+    assert trigger.expect == {"prefect.flow-run.Completed"}
+    assert trigger.parameters == {"training_flow_run_id": "{{ event.resource.id }}"}
