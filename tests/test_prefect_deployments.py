@@ -62,11 +62,30 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """A real Prefect server on SQLite; yields the environment that points at it."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    url = f"http://127.0.0.1:{_free_port()}/api"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _postgres(sql: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(PG_ADMIN, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A real Prefect server on SQLite, or on the local PostgreSQL (a database of its own,
+    dropped afterwards); yields the environment that points at it."""
+    home = tmp_path_factory.mktemp(f"prefect-{request.param}")
+    database = f"ctcd_test_{os.getpid()}_{int(time.time())}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(
         PREFECT_HOME=str(home),
@@ -74,16 +93,24 @@ def server(tmp_path_factory) -> Iterator[dict[str, str]]:
         PREFECT_UI_ENABLED="false",
         CTCD_WARM_START="0",
     )
-    port = url.split(":")[2].split("/")[0]
+    if request.param == "postgresql":
+        try:
+            _postgres(f'CREATE DATABASE "{database}"')
+        except (OSError, TimeoutError) as err:  # refused, unreachable, or no answer
+            pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable ({err!r})")
+        url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = url
+    port = _free_port()
     proc = _start(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env,
         home / "server.log",
     )
+    api = f"http://127.0.0.1:{port}/api"
     try:
         for _ in range(240):
             try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{api}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.25)
@@ -91,9 +118,11 @@ def server(tmp_path_factory) -> Iterator[dict[str, str]]:
             pytest.fail(
                 f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}"
             )
-        yield {**env, "PREFECT_API_URL": url}
+        yield {**env, "PREFECT_API_URL": api}
     finally:
         _stop(proc)
+        if request.param == "postgresql":
+            _postgres(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def _make_deploy(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
