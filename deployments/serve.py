@@ -29,9 +29,12 @@ def _schedule(spec: dict[str, Any]) -> Any:
 
 
 def build(prefect_file: Path = ROOT / "prefect.yaml") -> list[RunnerDeployment]:
-    """The deployments `prefect.yaml` declares, as runner deployments of this process."""
+    """The deployments `prefect.yaml` declares (but the Kubernetes pool's), as runner
+    deployments of this process."""
     built = []
     for spec in yaml.safe_load(prefect_file.read_text())["deployments"]:
+        if spec.get("work_pool", {}).get("name") == "ctcd-kubernetes":
+            continue  # runs as a Kubernetes Job through its pool, not in this process
         path, name = spec["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
         built.append(

@@ -7,16 +7,34 @@ server in `PREFECT_API_URL`.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-POOL_TYPES = {"ctcd-process": "process"}
+POOL_TYPES = {"ctcd-process": "process", "ctcd-kubernetes": "kubernetes"}
+# Defaults of the Kubernetes pool's job variables (each can be overridden per deployment).
+KUBERNETES_DEFAULTS: dict[str, Any] = {
+    "image": "ctcd:latest",
+    "namespace": "ctcd",
+    "service_account_name": "ctcd",
+    "image_pull_policy": "IfNotPresent",
+    "cpu_request": "1",
+    "cpu_limit": "2",
+    "memory_request": "2Gi",
+    "memory_limit": "4Gi",
+    "env": {
+        "CTCD_HOME": "/var/lib/ctcd",
+        "CTCD_WARM_START": "0",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    },
+}
 
 
 class DeployError(RuntimeError):
@@ -67,6 +85,31 @@ def _existing_pools() -> set[str]:
         return {pool.name for pool in client.read_work_pools()}
 
 
+def kubernetes_job_template() -> dict[str, Any]:
+    """prefect-kubernetes' base job template with ctcd's defaults filled in."""
+    from prefect_kubernetes.worker import KubernetesWorker
+
+    template: dict[str, Any] = KubernetesWorker.get_default_base_job_template()
+    for key, value in KUBERNETES_DEFAULTS.items():
+        template["variables"]["properties"][key]["default"] = value
+    return template
+
+
+def _create_pool(name: str, env: dict[str, str]) -> None:
+    kind = POOL_TYPES[name]
+    if kind != "kubernetes":
+        _prefect("work-pool", "create", name, "--type", kind, env=env)
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(kubernetes_job_template(), handle)
+    try:
+        _prefect(
+            "work-pool", "create", name, "--type", kind, "--base-job-template", handle.name, env=env
+        )
+    finally:
+        os.unlink(handle.name)
+
+
 def deploy(prefect_file: Path = ROOT / "prefect.yaml") -> None:
     url = _api_url()
     spec = yaml.safe_load(prefect_file.read_text())
@@ -77,7 +120,7 @@ def deploy(prefect_file: Path = ROOT / "prefect.yaml") -> None:
     existing = _existing_pools()
     for name in pools:
         if name not in existing:
-            _prefect("work-pool", "create", name, "--type", POOL_TYPES[name], env=env)
+            _create_pool(name, env)
             print(f"created work pool {name} ({POOL_TYPES[name]})")
     _prefect("deploy", "--all", "--no-prompt", "--prefect-file", str(prefect_file), env=env)
     print("deployments: " + ", ".join(d["name"] for d in spec["deployments"]))

@@ -162,15 +162,19 @@ def test_make_deploy_creates_every_deployment_schedule_and_trigger(deployed) -> 
     with _api(deployed) as client:
         deployments = {d.name: d for d in client.read_deployments()}
         automations = client.read_automations()
-        [pool] = [p for p in client.read_work_pools() if p.name == "ctcd-process"]
+        pools = {p.name: p for p in client.read_work_pools()}
     assert set(deployments) == {
         "continuous-training",
         "continuous-deployment",
         "train-and-deploy",
         "batch-inference",
         "drift-monitor",
+        "continuous-training-kubernetes",
     }
-    assert pool.type == "process"
+    assert pools["ctcd-process"].type == "process"
+    assert pools["ctcd-kubernetes"].type == "kubernetes"
+    defaults = pools["ctcd-kubernetes"].base_job_template["variables"]["properties"]
+    assert defaults["namespace"]["default"] == "ctcd" and defaults["cpu_request"]["default"] == "1"
     training = deployments["continuous-training"]
     assert training.schedules[0].schedule.interval.total_seconds() == 14 * 24 * 3600
     assert deployments["batch-inference"].schedules[0].schedule.cron == "0 6 * * *"
@@ -267,3 +271,75 @@ def test_serve_builds_the_same_deployments_from_prefect_yaml() -> None:
     [trigger] = built["continuous-deployment"].triggers
     assert trigger.expect == {"prefect.flow-run.Completed"}
     assert trigger.parameters == {"training_flow_run_id": "{{ event.resource.id }}"}
+
+
+@pytest.fixture(scope="module")
+def kube_api(tmp_path_factory) -> Iterator[Any]:
+    """A real kube-apiserver + etcd from KUBEBUILDER_ASSETS (see tests/kube.py)."""
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    if not assets:
+        pytest.skip(
+            "KUBEBUILDER_ASSETS is unset: no kube-apiserver/etcd binaries to test the Kubernetes "
+            "pool against (.ci/run sets it from ../shared/k8s/assets.sh)"
+        )
+    from tests import kube
+
+    api = kube.start(Path(assets), tmp_path_factory.mktemp("kube"))
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+def test_kubernetes_worker_submits_the_job(deployed, kube_api, tmp_path) -> None:
+    """A prefect-kubernetes worker turns a flow run of the Kubernetes deployment into a Job.
+    No kubelet runs here, so its pod never starts: the test checks the Job it submitted."""
+    with kube_api.client() as kube:
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ctcd"}}
+        created = kube.post("/api/v1/namespaces", json=namespace)
+        assert created.status_code in (201, 409), created.text  # 409: made by the other backend
+    env = {**deployed, "PREFECT_WORKER_QUERY_SECONDS": "1", "KUBECONFIG": str(kube_api.kubeconfig)}
+    worker = _start(
+        [
+            str(BIN / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            "ctcd-kubernetes",
+            "--type",
+            "kubernetes",
+        ],
+        env,
+        tmp_path / "worker.log",
+    )
+    try:
+        with _api(deployed) as client:
+            deployment = client.read_deployment_by_name(
+                "training-pipeline/continuous-training-kubernetes"
+            )
+            run = client.create_flow_run_from_deployment(
+                deployment.id, job_variables={"pod_watch_timeout_seconds": 5}
+            )
+
+        def jobs() -> list[dict[str, Any]]:
+            with kube_api.client() as kube:
+                selector = {"labelSelector": f"prefect.io/flow-run-id={run.id}"}
+                found = kube.get("/apis/batch/v1/namespaces/ctcd/jobs", params=selector)
+                return found.json().get("items", [])
+
+        [job] = _wait(jobs, 90, f"the Job (worker log: {tmp_path / 'worker.log'})")
+    finally:
+        _stop(worker)
+    spec = job["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    env_vars = {e["name"]: e.get("value") for e in container["env"]}
+    assert job["metadata"]["namespace"] == "ctcd"
+    assert container["image"] == "ctcd:latest"
+    assert spec["serviceAccountName"] == "ctcd"
+    assert container["resources"] == {
+        "requests": {"cpu": "1", "memory": "2Gi"},
+        "limits": {"cpu": "2", "memory": "4Gi"},
+    }
+    assert env_vars["PREFECT__FLOW_RUN_ID"] == str(run.id)
+    assert env_vars["PREFECT_API_URL"] == deployed["PREFECT_API_URL"]
+    assert env_vars["CTCD_HOME"] == "/var/lib/ctcd" and env_vars["CTCD_WARM_START"] == "0"
