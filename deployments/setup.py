@@ -78,6 +78,76 @@ def _pools(spec: dict[str, Any]) -> list[str]:
     return sorted(n for n in names if n)
 
 
+def problems(spec: dict[str, Any]) -> list[str]:
+    """Everything wrong with prefect.yaml's deployments that can be found before applying
+    any of them: entrypoints, parameters (against each flow's own schema), schedules, and
+    triggers (their shape, and the deployments they name)."""
+    from jsonschema import Draft202012Validator
+    from prefect.utilities.callables import parameter_schema
+
+    found: list[str] = []
+    names = {d.get("name") for d in spec.get("deployments", [])}
+    for deployment in spec.get("deployments", []):
+        where = f"deployment '{deployment.get('name')}'"
+        try:
+            flow = _load_flow(deployment["entrypoint"])
+        except Exception as err:
+            found.append(f"{where}: entrypoint {deployment.get('entrypoint')!r}: {err}")
+            continue
+        schema = parameter_schema(flow.fn).model_dump_for_openapi()
+        for error in Draft202012Validator(schema).iter_errors(deployment.get("parameters") or {}):
+            # For `X | None` the useful error is the deepest one under the anyOf.
+            leaf = max(error.context or [error], key=lambda e: len(e.absolute_path))
+            field = leaf.json_path.removeprefix("$.") or "parameters"
+            found.append(f"{where}: parameter {field}: {leaf.message}")
+        found += _schedule_problems(where, deployment.get("schedules") or [])
+        found += _trigger_problems(where, deployment.get("triggers") or [], names)
+    return found
+
+
+def _first_lines(err: Exception) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines()[:3])
+
+
+def _load_flow(entrypoint: str) -> Any:
+    import importlib
+
+    path, name = entrypoint.split(":")
+    return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+
+
+def _schedule_problems(where: str, schedules: list[dict[str, Any]]) -> list[str]:
+    from prefect.client.schemas.schedules import construct_schedule
+
+    found = []
+    for i, schedule in enumerate(schedules):
+        fields = {k: v for k, v in schedule.items() if k != "active"}
+        try:
+            construct_schedule(**fields)
+        except Exception as err:
+            found.append(f"{where}: schedules[{i}]: {_first_lines(err)}")
+    return found
+
+
+def _trigger_problems(where: str, triggers: list[dict[str, Any]], names: set[Any]) -> list[str]:
+    from prefect.events import DeploymentEventTrigger
+
+    found = []
+    for i, trigger in enumerate(triggers):
+        try:
+            DeploymentEventTrigger(**trigger)
+        except Exception as err:
+            found.append(f"{where}: triggers[{i}]: {_first_lines(err)}")
+        related = trigger.get("match_related") or {}
+        named = related.get("prefect.resource.name")
+        if related.get("prefect.resource.role") == "deployment" and named not in names:
+            found.append(
+                f"{where}: triggers[{i}].match_related names deployment '{named}', "
+                "which prefect.yaml does not define"
+            )
+    return found
+
+
 def _existing_pools() -> set[str]:
     from prefect.client.orchestration import get_client
 
@@ -114,6 +184,9 @@ def deploy(prefect_file: Path = ROOT / "prefect.yaml") -> None:
     url = _api_url()
     spec = yaml.safe_load(prefect_file.read_text())
     pools = _pools(spec)
+    if found := problems(spec):
+        lines = "\n".join(f"  - {p}" for p in found)
+        raise DeployError(f"{prefect_file} has problems; nothing was applied:\n{lines}")
     env = {**os.environ, "PREFECT_API_URL": url, "CTCD_PROJECT_DIR": str(ROOT)}
     print(f"Prefect API: {url}")
     _prefect("block", "register", "-m", "blocks", env=env)

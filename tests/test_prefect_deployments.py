@@ -178,7 +178,10 @@ def test_make_deploy_creates_every_deployment_schedule_and_trigger(deployed) -> 
     training = deployments["continuous-training"]
     assert training.schedules[0].schedule.interval.total_seconds() == 14 * 24 * 3600
     assert deployments["batch-inference"].schedules[0].schedule.cron == "0 6 * * *"
-    assert "criteria" in deployments["continuous-deployment"].parameter_openapi_schema["properties"]
+    schema = deployments["continuous-deployment"].parameter_openapi_schema
+    criteria = schema["definitions"]["DeploymentCriteria"]["properties"]  # the UI's form fields
+    assert criteria["metric"]["enum"] == ["mse", "rmse", "mae", "r2"]
+    assert {"threshold", "must_beat_champion"} <= set(criteria)
     expects = sorted(next(iter(a.trigger.expect)) for a in automations)
     assert expects == ["ctcd.drift.detected", "prefect.flow-run.Completed"]
 
@@ -253,6 +256,35 @@ def test_make_deploy_refuses_bad_input_before_applying_anything(server, tmp_path
     assert done.returncode != 0 and "gpu-pool" in done.stderr
     with _api(server) as client:
         assert "gpu-pool" not in {p.name for p in client.read_work_pools()}
+        before = len(client.read_deployments())
+
+    text = (ROOT / "prefect.yaml").read_text()
+    for old, new, words in [
+        (
+            "metric: r2",
+            "metric: accuracy",
+            "'continuous-deployment': parameter criteria.metric: 'accuracy' is not one of",
+        ),
+        ('cron: "0 6 * * *"', 'cron: "daily at six"', "deployment 'batch-inference': schedules[0]"),
+        (
+            "prefect.resource.name: continuous-training",
+            "prefect.resource.name: nightly-training",
+            "triggers[0].match_related names deployment 'nightly-training'",
+        ),
+    ]:
+        bad.write_text(text.replace(old, new, 1))
+        done = subprocess.run(
+            [sys.executable, "-m", "deployments.setup", str(bad)],
+            cwd=ROOT,
+            env=server,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode != 0 and words in done.stderr, done.stderr
+        assert "nothing was applied" in done.stderr
+    with _api(server) as client:
+        assert len(client.read_deployments()) == before
 
 
 def test_serve_builds_the_same_deployments_from_prefect_yaml() -> None:
