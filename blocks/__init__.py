@@ -3,6 +3,7 @@
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.mlflow_deployer import MLflowModelDeployer
 from blocks.service import ServiceRecord, ServiceState
+from blocks.vault import VaultCredentials, VaultSecret
 
 __all__ = [
     "BaseModelDeployer",
@@ -10,4 +11,6 @@ __all__ = [
     "MLflowModelDeployer",
     "ServiceRecord",
     "ServiceState",
+    "VaultCredentials",
+    "VaultSecret",
 ]

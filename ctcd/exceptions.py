@@ -127,3 +127,16 @@ class RollbackError(CtcdError, ValueError):
             f"Cannot roll back {model}: {why}. "
             "`ctcd models rollback ID --to-version V` serves a given registered version."
         )
+
+
+class VaultError(CtcdError, RuntimeError):
+    """Vault could not be reached, refused the credentials, or has no such secret. Names the
+    address, path and key — never a value."""
+
+    def __init__(
+        self, address: str, problem: str, check: str, path: str = "", key: str = ""
+    ) -> None:
+        where = f"Vault at {address}"
+        if path:
+            where += f", secret '{path}'" + (f" key '{key}'" if key else "")
+        super().__init__(f"{where}: {problem}. Check {check}.")
