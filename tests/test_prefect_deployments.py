@@ -237,6 +237,18 @@ def test_training_triggers_deployment_and_drift_triggers_training(deployed, smal
             deployer.delete_model_server(record.uuid)
 
 
+def _deploy_file(prefect_file: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """What `make deploy` runs, with another prefect.yaml."""
+    return subprocess.run(
+        [sys.executable, "-m", "deployments.setup", str(prefect_file)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_make_deploy_refuses_bad_input_before_applying_anything(server, tmp_path) -> None:
     no_api = {k: v for k, v in server.items() if k != "PREFECT_API_URL"}
     done = _make_deploy(no_api)
@@ -245,14 +257,7 @@ def test_make_deploy_refuses_bad_input_before_applying_anything(server, tmp_path
     bad = tmp_path / "prefect.yaml"
     text = (ROOT / "prefect.yaml").read_text().replace("name: ctcd-process", "name: gpu-pool")
     bad.write_text(text)
-    done = subprocess.run(
-        [sys.executable, "-m", "deployments.setup", str(bad)],
-        cwd=ROOT,
-        env=server,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _deploy_file(bad, server)
     assert done.returncode != 0 and "gpu-pool" in done.stderr
     with _api(server) as client:
         assert "gpu-pool" not in {p.name for p in client.read_work_pools()}
@@ -273,14 +278,7 @@ def test_make_deploy_refuses_bad_input_before_applying_anything(server, tmp_path
         ),
     ]:
         bad.write_text(text.replace(old, new, 1))
-        done = subprocess.run(
-            [sys.executable, "-m", "deployments.setup", str(bad)],
-            cwd=ROOT,
-            env=server,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = _deploy_file(bad, server)
         assert done.returncode != 0 and words in done.stderr, done.stderr
         assert "nothing was applied" in done.stderr
     with _api(server) as client:
