@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,10 @@ import httpx
 from common import isolated_home, register_two_versions, single_row_body
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def mlflow_serve(model_dir: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    from blocks.local_process import free_port
+
+    port = free_port("127.0.0.1")
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "mlflow"),
         "models",

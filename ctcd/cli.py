@@ -116,14 +116,15 @@ def delete(
 ) -> None:
     """Stop a server and delete its runtime folder (irreversible)."""
     dep = _deployer(deployer)
-    matches = [r for r in dep.find_model_server() if r.uuid.startswith(uuid)]
-    if not matches:
+    try:
+        record = dep.get_model_server(uuid)
+    except CtcdError:
         typer.echo(f"Not found: {uuid} (nothing to delete)")
         return
-    if not yes and not typer.confirm(f"Delete server {matches[0].uuid}?"):
+    if not yes and not typer.confirm(f"Delete server {record.uuid}?"):
         _fail("not confirmed")
-    dep.delete_model_server(matches[0].uuid)
-    typer.echo(f"Deleted {matches[0].uuid}")
+    dep.delete_model_server(record.uuid)
+    typer.echo(f"Deleted {record.uuid}")
 
 
 @models.command()

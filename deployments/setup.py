@@ -90,7 +90,7 @@ def problems(spec: dict[str, Any]) -> list[str]:
     for deployment in spec.get("deployments", []):
         where = f"deployment '{deployment.get('name')}'"
         try:
-            flow = _load_flow(deployment["entrypoint"])
+            flow = load_flow(deployment["entrypoint"])
         except Exception as err:
             found.append(f"{where}: entrypoint {deployment.get('entrypoint')!r}: {err}")
             continue
@@ -109,21 +109,26 @@ def _first_lines(err: Exception) -> str:
     return " ".join(line.strip() for line in str(err).splitlines()[:3])
 
 
-def _load_flow(entrypoint: str) -> Any:
+def load_flow(entrypoint: str) -> Any:
+    """The flow object an entrypoint (`flows/training.py:training_pipeline`) names."""
     import importlib
 
     path, name = entrypoint.split(":")
     return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
 
 
-def _schedule_problems(where: str, schedules: list[dict[str, Any]]) -> list[str]:
+def schedule(spec: dict[str, Any]) -> Any:
+    """A Prefect schedule from a prefect.yaml `schedules` entry."""
     from prefect.client.schemas.schedules import construct_schedule
 
+    return construct_schedule(**{k: v for k, v in spec.items() if k != "active"})
+
+
+def _schedule_problems(where: str, schedules: list[dict[str, Any]]) -> list[str]:
     found = []
-    for i, schedule in enumerate(schedules):
-        fields = {k: v for k, v in schedule.items() if k != "active"}
+    for i, entry in enumerate(schedules):
         try:
-            construct_schedule(**fields)
+            schedule(entry)
         except Exception as err:
             found.append(f"{where}: schedules[{i}]: {_first_lines(err)}")
     return found

@@ -3,9 +3,6 @@ tests. No scheduler, controller manager or kubelet: Jobs are stored, pods never 
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -14,11 +11,7 @@ from pathlib import Path
 
 import httpx
 
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.processes import loopback_port, stop_group
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -100,19 +93,13 @@ class KubeAPI:
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
+            stop_group(proc, 15)
 
 
 def start(assets: Path, work: Path) -> KubeAPI:
     pki = work / "pki"
     _certificates(pki)
-    etcd_port, peer_port, api_port = _port(), _port(), _port()
+    etcd_port, peer_port, api_port = loopback_port(), loopback_port(), loopback_port()
     etcd = f"http://127.0.0.1:{etcd_port}"
     peer = f"http://127.0.0.1:{peer_port}"
     logs = work / "logs"

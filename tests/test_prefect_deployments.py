@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,15 +26,10 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks import MLflowModelDeployer
+from tests.processes import loopback_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -50,16 +43,6 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -100,7 +83,7 @@ def server(request, tmp_path_factory) -> Iterator[dict[str, str]]:
             pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable ({err!r})")
         url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = url
-    port = _free_port()
+    port = loopback_port()
     proc = _start(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env,
@@ -120,7 +103,7 @@ def server(request, tmp_path_factory) -> Iterator[dict[str, str]]:
             )
         yield {**env, "PREFECT_API_URL": api}
     finally:
-        _stop(proc)
+        stop_group(proc)
         if request.param == "postgresql":
             _postgres(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
@@ -232,7 +215,7 @@ def test_training_triggers_deployment_and_drift_triggers_training(deployed, smal
         assert served.model_version == "2" and served.uuid == first.uuid
         assert len(_completed_runs(env, "continuous-training")) == 2
     finally:
-        _stop(worker)
+        stop_group(worker)
         for record in deployer.find_model_server():
             deployer.delete_model_server(record.uuid)
 
@@ -359,7 +342,7 @@ def test_kubernetes_worker_submits_the_job(deployed, kube_api, tmp_path) -> None
 
         [job] = _wait(jobs, 90, f"the Job (worker log: {tmp_path / 'worker.log'})")
     finally:
-        _stop(worker)
+        stop_group(worker)
     spec = job["spec"]["template"]["spec"]
     [container] = spec["containers"]
     env_vars = {e["name"]: e.get("value") for e in container["env"]}

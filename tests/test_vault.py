@@ -5,8 +5,6 @@ without the secret's value."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,20 +18,15 @@ from pydantic import SecretStr
 
 from blocks import VaultCredentials, VaultSecret
 from ctcd.exceptions import VaultError
+from tests.processes import loopback_port, stop_group
 
 BAO = Path(sys.executable).with_name("bao")
 ROOT_TOKEN = "ctcd-test-root"
 OLD, NEW = "first-Pa55word-value", "second-Pa55word-value"
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start_bao(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _port()
+    port = loopback_port()
     address = f"http://127.0.0.1:{port}"
     log = open(tmp / "bao.log", "wb")  # noqa: SIM115 (closed with the process)
     proc = subprocess.Popen(
@@ -60,12 +53,6 @@ def _start_bao(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError((tmp / "bao.log").read_text()[-2000:])
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def bao(tmp_path_factory) -> Iterator[dict[str, str]]:
     """OpenBao with secret/ctcd/mlflow at two versions, a KV v1 mount, and an AppRole that
@@ -88,7 +75,7 @@ def bao(tmp_path_factory) -> Iterator[dict[str, str]]:
         secret_id = root.auth.approle.generate_secret_id("ctcd")["data"]["secret_id"]
         yield {"address": address, "role_id": role_id, "secret_id": secret_id}
     finally:
-        _stop(proc)
+        stop_group(proc, 10)
 
 
 def _token(bao: dict[str, str], token: str = ROOT_TOKEN) -> VaultCredentials:
@@ -151,7 +138,7 @@ def test_missing_secrets_are_named_without_values(bao, path, key, version, mount
 def test_wrong_token_and_unreachable_vault(bao) -> None:
     with pytest.raises(VaultError, match="token is invalid, expired or revoked"):
         _token(bao, "not-a-token").get_client()
-    nowhere = f"http://127.0.0.1:{_port()}"
+    nowhere = f"http://127.0.0.1:{loopback_port()}"
     with pytest.raises(VaultError, match=f"Vault at {nowhere}: unreachable"):
         VaultCredentials(address=nowhere, token=SecretStr("x"), timeout=2).get_client()
 
@@ -163,4 +150,4 @@ def test_sealed_vault_is_named(tmp_path) -> None:
         with pytest.raises(VaultError, match="sealed"):
             VaultCredentials(address=address, token=SecretStr(ROOT_TOKEN)).read_secret("a", "b")
     finally:
-        _stop(proc)
+        stop_group(proc, 10)
