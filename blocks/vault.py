@@ -99,10 +99,25 @@ class VaultCredentials(Block):
                 mount_point=self.auth_mount or "approle",
             )
         else:
+            if self.role is None:
+                raise VaultError(self.address, "Kubernetes auth needs a role", "the block's `role`")
+            try:
+                jwt = Path(self.jwt_path).read_text().strip()
+            except OSError as err:
+                raise VaultError(
+                    self.address,
+                    f"cannot read the service-account token file {self.jwt_path} "
+                    f"({err.strerror or type(err).__name__})",
+                    "the block's `jwt_path`, and that the pod mounts its service-account token",
+                ) from None
+            if not jwt:
+                raise VaultError(
+                    self.address,
+                    f"the service-account token file {self.jwt_path} is empty",
+                    "the block's `jwt_path`",
+                )
             client.auth.kubernetes.login(
-                role=self.role,
-                jwt=Path(self.jwt_path).read_text().strip(),
-                mount_point=self.auth_mount or "kubernetes",
+                role=self.role, jwt=jwt, mount_point=self.auth_mount or "kubernetes"
             )
 
     def read_secret(
