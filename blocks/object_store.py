@@ -1,0 +1,117 @@
+"""Credentials for S3-compatible object stores (AWS S3, MinIO, GCS interoperability), given as
+plain secrets or as Vault references resolved only at run time, and the Kubernetes Secret that
+Seldon Core v1's rclone storage initializer reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.blocks.core import Block
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
+
+from blocks.vault import VaultCredentials, VaultSecret
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "ctcd"}
+
+
+class ObjectStoreKeys(BaseModel):
+    """Resolved keys of an object store; `repr()` and `str()` show no value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    access_key_id: SecretStr = Field(description="The access key id.")
+    secret_access_key: SecretStr = Field(description="The secret access key.")
+
+
+class ObjectStoreCredentials(Block):
+    """Access keys for an S3-compatible object store, each a secret or a reference to a KV v2
+    secret in Vault (resolved with the `vault` block only when used), and the Kubernetes
+    Secret that Seldon Core v1's storage initializer reads (`envSecretRefName`).
+
+    Example:
+        ```python
+        from blocks import ObjectStoreCredentials
+
+        credentials = ObjectStoreCredentials.load("BLOCK_NAME")
+        keys = credentials.resolve()
+        ```
+    """
+
+    _block_type_name = "Object Store Credentials"
+    _block_type_slug = "object-store-credentials"
+    _description = (
+        "Access keys for an S3-compatible object store (AWS S3, MinIO, GCS), "
+        "plain or from Vault, and the rclone Secret Seldon Core v1 reads."
+    )
+    _documentation_url = HttpUrl(
+        "https://docs.seldon.ai/seldon-core-1/configuration/servers/overview"
+    )
+
+    access_key_id: SecretStr | VaultSecret = Field(
+        description="Access key id: the value, or a Vault reference (path, key, version)."
+    )
+    secret_access_key: SecretStr | VaultSecret = Field(
+        description="Secret access key: the value, or a Vault reference (path, key, version)."
+    )
+    vault: VaultCredentials | None = Field(
+        default=None, description="Vault credentials that resolve the Vault references."
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of a store other than AWS, e.g. `http://minio.minio:9000`.",
+    )
+    region: str | None = Field(default=None, description="Region, e.g. `eu-west-1`.")
+    provider: str = Field(
+        default="AWS", description="The rclone S3 provider: `AWS`, `Minio`, `GCS`, `Ceph`, ..."
+    )
+
+    def resolve(self) -> ObjectStoreKeys:
+        """The keys, read from Vault now for the fields that are Vault references."""
+        return ObjectStoreKeys(
+            access_key_id=self._resolve("access_key_id", self.access_key_id),
+            secret_access_key=self._resolve("secret_access_key", self.secret_access_key),
+        )
+
+    def _resolve(self, field: str, value: SecretStr | VaultSecret) -> SecretStr:
+        if isinstance(value, SecretStr):
+            return value
+        where = f"secret '{value.mount_point}/{value.path}' key '{value.key}'"
+        if self.vault is None:
+            raise ValueError(
+                f"ObjectStoreCredentials.{field} refers to Vault ({where}) but the block has "
+                "no `vault` credentials to read it with. Set `vault=VaultCredentials.load(...)`,"
+                f" or give `{field}` as a SecretStr."
+            )
+        try:
+            return value.resolve(self.vault)
+        except Exception as err:
+            err.add_note(f"(resolving ObjectStoreCredentials.{field})")
+            raise
+
+    def kubernetes_secret(self, name: str, namespace: str) -> dict[str, Any]:
+        """A `v1 Secret` manifest of rclone environment variables for the `s3` remote, as
+        Seldon Core v1's rclone storage initializer reads it: name it in a predictor's
+        `envSecretRefName` and use `modelUri: s3://bucket/path`.
+
+        The manifest holds the keys in plain text: send it only to the Kubernetes API server.
+        Never log it, print it, return it from a task or put it in a flow parameter or
+        artifact."""
+        keys = self.resolve()
+        env = {
+            "RCLONE_CONFIG_S3_TYPE": "s3",
+            "RCLONE_CONFIG_S3_PROVIDER": self.provider,
+            "RCLONE_CONFIG_S3_ENV_AUTH": "false",
+            "RCLONE_CONFIG_S3_ACCESS_KEY_ID": keys.access_key_id.get_secret_value(),
+            "RCLONE_CONFIG_S3_SECRET_ACCESS_KEY": keys.secret_access_key.get_secret_value(),
+        }
+        if self.endpoint_url:
+            env["RCLONE_CONFIG_S3_ENDPOINT"] = self.endpoint_url
+        if self.region:
+            env["RCLONE_CONFIG_S3_REGION"] = self.region
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace, "labels": dict(MANAGED_BY)},
+            "type": "Opaque",
+            "stringData": env,
+        }
