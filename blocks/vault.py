@@ -83,7 +83,20 @@ class VaultCredentials(Block):
                 "the token is invalid, expired or revoked",
                 "the token, or use AppRole or Kubernetes auth, which log in anew",
             )
+        if self.auth_method == "token":
+            self._renew(client)
         return client
+
+    def _renew(self, client: hvac.Client) -> None:
+        """Renew a renewable static token once less than half its lifetime is left, so a
+        long-lived block keeps working; a token past its maximum TTL cannot be renewed."""
+        try:
+            info = client.auth.token.lookup_self()["data"]
+        except hvac.exceptions.Forbidden:  # a policy without the default lookup-self grant
+            return
+        ttl, lifetime = int(info.get("ttl") or 0), int(info.get("creation_ttl") or 0)
+        if info.get("renewable") and 0 < ttl < lifetime / 2:
+            client.auth.token.renew_self(increment=lifetime)
 
     def _login(self, client: hvac.Client) -> None:
         if self.auth_method == "token":
@@ -124,8 +137,11 @@ class VaultCredentials(Block):
         self, path: str, key: str, version: int | None = None, mount_point: str = "secret"
     ) -> SecretStr:
         """The value at `key` of the KV v2 secret `mount_point/path` (latest or `version`)."""
-        client = self.get_client()
         where = f"{mount_point}/{path}"
+        try:
+            client = self.get_client()
+        except VaultError as err:  # name what was being read, too
+            raise VaultError(err.address, err.problem, err.check, where, key) from None
         try:
             response = client.secrets.kv.v2.read_secret_version(
                 path=path, version=version, mount_point=mount_point, raise_on_deleted_version=True

@@ -151,3 +151,32 @@ def test_sealed_vault_is_named(tmp_path) -> None:
             VaultCredentials(address=address, token=SecretStr(ROOT_TOKEN)).read_secret("a", "b")
     finally:
         stop_group(proc, 10)
+
+
+def test_a_renewable_token_is_renewed_and_a_revoked_one_is_named(bao) -> None:
+    root = hvac.Client(url=bao["address"], token=ROOT_TOKEN)
+    short = root.auth.token.create(policies=["ctcd-read"], ttl="8s", renewable=True)
+    token = short["auth"]["client_token"]
+    credentials = _token(bao, token)
+    time.sleep(4.5)  # under half its 8 s lifetime is left
+    assert credentials.read_secret("ctcd/mlflow", "password").get_secret_value() == NEW
+    ttl = root.auth.token.lookup(token)["data"]["ttl"]
+    assert ttl > 5, f"not renewed: {ttl} s left"
+    time.sleep(4.5)  # past the original expiry: only a renewed token still reads
+    assert credentials.read_secret("ctcd/mlflow", "password").get_secret_value() == NEW
+
+    root.auth.token.revoke(token)
+    with pytest.raises(VaultError, match="invalid, expired or revoked") as err:
+        credentials.read_secret("ctcd/mlflow", "password")
+    assert "secret 'secret/ctcd/mlflow' key 'password'" in str(err.value)
+    assert token not in str(err.value)
+
+
+def test_unreachable_vault_names_the_secret_it_was_reading() -> None:
+    nowhere = f"http://127.0.0.1:{loopback_port()}"
+    credentials = VaultCredentials(address=nowhere, token=SecretStr("x"), timeout=2)
+    with pytest.raises(VaultError) as err:
+        credentials.read_secret("ctcd/mlflow", "password")
+    assert str(err.value).startswith(
+        f"Vault at {nowhere}, secret 'secret/ctcd/mlflow' key 'password': unreachable."
+    )
