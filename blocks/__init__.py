@@ -2,13 +2,18 @@
 
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.mlflow_deployer import MLflowModelDeployer
+from blocks.object_store import ObjectStoreCredentials, ObjectStoreKeys
 from blocks.service import ServiceRecord, ServiceState
+from blocks.tracking import MLflowTracking
 from blocks.vault import VaultCredentials, VaultSecret
 
 __all__ = [
     "BaseModelDeployer",
     "DeploymentConfig",
     "MLflowModelDeployer",
+    "MLflowTracking",
+    "ObjectStoreCredentials",
+    "ObjectStoreKeys",
     "ServiceRecord",
     "ServiceState",
     "VaultCredentials",

@@ -134,11 +134,22 @@ def rollback(
         str | None, typer.Option("--to-version", help="Registered version to serve.")
     ] = None,
     deployer: DeployerOpt = None,
+    tracking: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking",
+            help="Saved MLflowTracking block (server and credentials) holding the registry; "
+            "default: MLFLOW_TRACKING_URI or local SQLite.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the previous (or a given) version on the same URL and make it the champion."""
+    from blocks.tracking import use_tracking
+
     record = _get(uuid, deployer)
     try:
-        record = _deployer(deployer).rollback_model_server(record.uuid, to_version)
+        with use_tracking(tracking):
+            record = _deployer(deployer).rollback_model_server(record.uuid, to_version)
     except CtcdError as err:
         _fail(str(err).splitlines()[0])
     typer.echo(f"{record.status.value}: {record.model_name} v{record.model_version} "

@@ -136,7 +136,17 @@ class VaultError(CtcdError, RuntimeError):
     def __init__(
         self, address: str, problem: str, check: str, path: str = "", key: str = ""
     ) -> None:
+        self.address, self.problem, self.check = address, problem, check
+        self.path, self.key = path, key
         where = f"Vault at {address}"
         if path:
             where += f", secret '{path}'" + (f" key '{key}'" if key else "")
         super().__init__(f"{where}: {problem}. Check {check}.")
+
+
+class TrackingError(CtcdError, RuntimeError):
+    """The MLflow tracking server cannot be used with the configured credentials. Names the
+    server and where the credentials come from — never their values."""
+
+    def __init__(self, uri: str, problem: str, check: str) -> None:
+        super().__init__(f"MLflow tracking server at {uri}: {problem}. Check {check}.")

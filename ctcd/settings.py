@@ -2,7 +2,8 @@
 
 `CTCD_HOME` (default `.ctcd/` in the working directory) holds MLflow's SQLite database and
 artifacts, each local model server's runtime folder and generated sample data.
-`MLFLOW_TRACKING_URI` overrides the tracking back end.
+`MLFLOW_TRACKING_URI` overrides the tracking back end; an `MLflowTracking` block
+(blocks/tracking.py) sets it, and MLflow's credential variables, for the length of a flow.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ def ctcd_home() -> Path:
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` if set, else SQLite in `CTCD_HOME`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ctcd_home() / 'mlflow.db'}"
+
+
+def experiment_for(model_name: str, experiment_name: str | None = None) -> str:
+    """The flow's `experiment_name`, else `MLFLOW_EXPERIMENT_NAME` (a tracking block sets
+    it), else the model's name."""
+    return experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or model_name
 
 
 def is_local_tracking(uri: str) -> bool:

@@ -10,6 +10,7 @@ from prefect.runtime import flow_run
 
 from blocks.deployer import DeploymentConfig
 from blocks.service import ServiceRecord
+from blocks.tracking import use_tracking
 from ctcd.exceptions import DataError, ModelConfigError
 from deployments.lookup import DEFAULT_PIPELINE, DEFAULT_STEP, load_deployer
 from flows import ctcd_flow
@@ -60,6 +61,7 @@ def continuous_deployment_pipeline(
     model_params: dict[str, Any] | None = None,
     experiment_name: str | None = None,
     contract: Contract = "auto",
+    tracking: str | None = None,
 ) -> DeploymentResult:
     """Train and register a model, gate it, and deploy it only if the gate passes.
 
@@ -67,14 +69,16 @@ def continuous_deployment_pipeline(
         criteria: metric, threshold and must_beat_champion (default: r2 >= 0 and at least
             as good as the champion). Honoured on the first deploy too.
         deployer: name of a saved deployer block; None is the local MLflow deployer.
+        tracking: name of a saved `MLflowTracking` block; None uses MLFLOW_TRACKING_URI.
         Others: as in `training_pipeline`.
     """
-    trained = train_and_register(
-        data_path, target, model_type, model_name, model_params, experiment_name, contract
-    )
-    return gate_and_deploy(
-        trained.registered, trained.metrics, trained.data, trained.dataset, criteria, deployer
-    )
+    with use_tracking(tracking):
+        trained = train_and_register(
+            data_path, target, model_type, model_name, model_params, experiment_name, contract
+        )
+        return gate_and_deploy(
+            trained.registered, trained.metrics, trained.data, trained.dataset, criteria, deployer
+        )
 
 
 def gate_and_deploy(
@@ -180,17 +184,23 @@ def deploy_model_version(
     target: str = "review_score",
     criteria: DeploymentCriteria | None = None,
     deployer: str | None = None,
+    tracking: str | None = None,
 ) -> DeploymentResult:
     """Gate and deploy a version that is already registered: the given one, or the one the
     training flow run `training_flow_run_id` registered (what the continuous-deployment
     trigger passes). It re-reads the exact table the version was trained on (its SHA-256
-    must match) so the champion is compared on the same held-out rows."""
-    reg, metrics, tags = find_registered_version(model_name, model_version, training_flow_run_id)
-    dataset = ingest_data(tags["ctcd.data_source"])
-    if dataset.sha256 != tags["ctcd.data_sha256"]:
-        raise DataError(
-            f"'{dataset.source}' changed since {model_name} v{reg.model_version} was trained on "
-            "it (its SHA-256 differs), so its held-out rows cannot be rebuilt. Retrain instead."
+    must match) so the champion is compared on the same held-out rows. `tracking`: as in
+    `continuous_deployment_pipeline`."""
+    with use_tracking(tracking):
+        reg, metrics, tags = find_registered_version(
+            model_name, model_version, training_flow_run_id
         )
-    data = clean_data(dataset, target)
-    return gate_and_deploy(reg, metrics, data, dataset, criteria, deployer)
+        dataset = ingest_data(tags["ctcd.data_source"])
+        if dataset.sha256 != tags["ctcd.data_sha256"]:
+            raise DataError(
+                f"'{dataset.source}' changed since {model_name} v{reg.model_version} was "
+                "trained on it (its SHA-256 differs), so its held-out rows cannot be rebuilt. "
+                "Retrain instead."
+            )
+        data = clean_data(dataset, target)
+        return gate_and_deploy(reg, metrics, data, dataset, criteria, deployer)

@@ -20,6 +20,7 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 from scipy.stats import ks_2samp
 
+from blocks.tracking import use_tracking
 from ctcd.exceptions import DataContractError
 from flows import ctcd_flow
 from flows.data import Dataset, feature_frame, ingest_data
@@ -143,11 +144,14 @@ def drift_monitor(
     psi_threshold: float = 0.2,
     ks_alpha: float = 0.01,
     score_served_model: bool = True,
+    tracking: str | None = None,
 ) -> DriftReport:
     """Compare a batch with the champion's training sample; on drift, emit
-    `ctcd.drift.detected` (resource `ctcd.model.<model_name>`) naming the drifted features."""
+    `ctcd.drift.detected` (resource `ctcd.model.<model_name>`) naming the drifted features.
+    `tracking`: a saved `MLflowTracking` block's name, where the champion is registered."""
+    with use_tracking(tracking):
+        reference = load_reference(model_name)
     batch = ingest_data(data_path)
-    reference = load_reference(model_name)
     report = compute_drift(reference, batch, target, psi_threshold, ks_alpha)
     if score_served_model:
         report = report.model_copy(

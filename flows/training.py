@@ -7,7 +7,8 @@ from typing import Any
 
 from sklearn.pipeline import Pipeline
 
-from ctcd.settings import configure_mlflow
+from blocks.tracking import use_tracking
+from ctcd.settings import configure_mlflow, experiment_for
 from flows import ctcd_flow
 from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data, validate_data
 from flows.model import (
@@ -58,7 +59,7 @@ def train_and_register(
     data = clean_data(dataset, target)
     model = train_model(data, model_type, model_params)
     metrics = evaluate_model(model, data)
-    experiment_id = configure_mlflow(experiment_name or model_name)
+    experiment_id = configure_mlflow(experiment_for(model_name, experiment_name))
     registered = register_model(
         model,
         data,
@@ -83,6 +84,7 @@ def training_pipeline(
     model_params: dict[str, Any] | None = None,
     experiment_name: str | None = None,
     contract: Contract = "auto",
+    tracking: str | None = None,
 ) -> TrainingResult:
     """Train a model on a table and register it as a new MLflow model version.
 
@@ -92,22 +94,26 @@ def training_pipeline(
         model_type: `linear`, `random_forest` or `gradient_boosting`.
         model_name: the MLflow registered model.
         model_params: overrides of the estimator's hyperparameters.
-        experiment_name: the MLflow experiment (default: the model name).
+        experiment_name: the MLflow experiment (default: the tracking block's, else the
+            model name).
         contract: `auto` (the customer-satisfaction contract when target is `review_score`),
             `generic` or `customer_satisfaction`.
+        tracking: name of a saved `MLflowTracking` block (server, registry, experiment,
+            credentials, possibly from Vault); None uses MLFLOW_TRACKING_URI or local SQLite.
     """
-    trained = train_and_register(
-        data_path, target, model_type, model_name, model_params, experiment_name, contract
-    )
-    reg = trained.registered
-    publish_report(
-        reg.model_name,
-        reg.model_version,
-        trained.metrics,
-        reg.run_id,
-        reg.experiment_id,
-        trained.dataset.source,
-        trained.dataset.sha256,
-        "not evaluated (training only)",
-    )
+    with use_tracking(tracking):
+        trained = train_and_register(
+            data_path, target, model_type, model_name, model_params, experiment_name, contract
+        )
+        reg = trained.registered
+        publish_report(
+            reg.model_name,
+            reg.model_version,
+            trained.metrics,
+            reg.run_id,
+            reg.experiment_id,
+            trained.dataset.source,
+            trained.dataset.sha256,
+            "not evaluated (training only)",
+        )
     return TrainingResult(**trained.result_fields())

@@ -18,7 +18,12 @@ ALL_BLOCKS = [
 
 
 def test_every_block_is_covered() -> None:
-    assert {b.__name__ for b in ALL_BLOCKS} == {"MLflowModelDeployer", "VaultCredentials"}
+    assert {b.__name__ for b in ALL_BLOCKS} == {
+        "MLflowModelDeployer",
+        "MLflowTracking",
+        "ObjectStoreCredentials",
+        "VaultCredentials",
+    }
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS, indirect=True)
