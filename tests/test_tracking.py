@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import hvac
@@ -107,6 +108,10 @@ def remote(tmp_path_factory) -> Iterator[dict[str, str]]:
             root.secrets.kv.v2.create_or_update_secret(SECRET_PATH, {"password": value})
         root.sys.create_or_update_policy(
             "mlflow-read", f'path "secret/data/{SECRET_PATH}" {{ capabilities = ["read"] }}'
+        )
+        root.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
+        root.secrets.kv.v1.create_or_update_secret(
+            SECRET_PATH, {"password": PASSWORD}, mount_point="kv1"
         )
         root.sys.enable_auth_method("approle")
         root.auth.approle.create_or_update_approle("flows", token_policies=["mlflow-read"])
@@ -222,14 +227,47 @@ def test_a_stale_password_fails_before_any_work(remote, small_csv, model_name) -
     ):
         assert words in message
     assert STALE_PASSWORD not in message and PASSWORD not in message
+    assert _task_runs(state) == []  # not even the data was read
+    assert _admin(remote, "registered-models/get", name=model_name).status_code == 404
+
+
+def _task_runs(state: Any) -> list[Any]:
     with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(
+        return client.read_task_runs(
             flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
             )
         )
-    assert tasks == []  # not even the data was read
-    assert _admin(remote, "registered-models/get", name=model_name).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "mount", "token", "problem"),
+    [
+        ("ctcd/nothing-here", "password", "secret", ROOT_TOKEN, "no such secret"),
+        (SECRET_PATH, "passwd", "secret", ROOT_TOKEN, "no such key (its keys: password)"),
+        (SECRET_PATH, "password", "kv1", ROOT_TOKEN, "KV v2 mount"),
+        (SECRET_PATH, "password", "secret", "not-a-token", "token is invalid"),
+    ],
+    ids=["missing-path", "missing-key", "kv1-mount", "wrong-vault-token"],
+)
+def test_vault_problems_fail_the_flow_before_any_work(
+    remote, small_csv, model_name, path, key, mount, token, problem
+) -> None:
+    MLflowTracking(
+        tracking_uri=remote["uri"],
+        username=USER,
+        password=VaultSecret(path=path, key=key, mount_point=mount),
+        vault=VaultCredentials(address=remote["vault"], token=SecretStr(token)),
+    ).save("remote-bad-vault", overwrite=True)
+    state = training_pipeline(
+        data_path=small_csv, model_name=model_name, tracking="remote-bad-vault", return_state=True
+    )
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, VaultError)
+    message = str(error)
+    assert f"Vault at {remote['vault']}, secret '{mount}/{path}' key '{key}'" in message
+    assert problem in message and PASSWORD not in message and token not in message
+    assert _task_runs(state) == []
 
 
 def test_unreachable_vault_or_server_fail_before_any_work(remote, small_csv, model_name) -> None:
