@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -36,6 +37,25 @@ FAST_RF = {"n_estimators": 10, "max_depth": 6}
 def prefect_harness() -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(scope="session")
+def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real kube-apiserver + etcd from KUBEBUILDER_ASSETS for the session (tests/kube.py);
+    each test module works in namespaces of its own. Skips, saying why, when that is unset."""
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    if not assets:
+        pytest.skip(
+            "KUBEBUILDER_ASSETS is unset: no kube-apiserver/etcd binaries to test against "
+            "(.ci/run sets it from ../shared/k8s/assets.sh)"
+        )
+    from tests import kube
+
+    api = kube.start(Path(assets), tmp_path_factory.mktemp("kube"))
+    try:
+        yield api
+    finally:
+        api.stop()
 
 
 @pytest.fixture(scope="session")

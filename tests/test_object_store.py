@@ -6,10 +6,8 @@ or an error."""
 from __future__ import annotations
 
 import base64
-import os
 import traceback
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import hvac
@@ -45,25 +43,12 @@ def vault(tmp_path_factory) -> Iterator[VaultCredentials]:
 
 
 @pytest.fixture(scope="module")
-def kube_api(tmp_path_factory) -> Iterator[Any]:
-    """A real kube-apiserver + etcd from KUBEBUILDER_ASSETS (see tests/kube.py)."""
-    assets = os.environ.get("KUBEBUILDER_ASSETS")
-    if not assets:
-        pytest.skip(
-            "KUBEBUILDER_ASSETS is unset: no kube-apiserver/etcd binaries to apply the object-"
-            "store Secret to (.ci/run sets it from ../shared/k8s/assets.sh)"
-        )
-    from tests import kube
-
-    api = kube.start(Path(assets), tmp_path_factory.mktemp("kube"))
-    try:
-        with api.client() as client:
-            namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
-            created = client.post("/api/v1/namespaces", json=namespace)
-            assert created.status_code == 201, created.text
-        yield api
-    finally:
-        api.stop()
+def namespace(kube_api) -> str:
+    with kube_api.client() as client:
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+        created = client.post("/api/v1/namespaces", json=namespace)
+        assert created.status_code == 201, created.text
+    return NAMESPACE
 
 
 def _ref(key: str, version: int | None = None, path: str = "ctcd/s3") -> VaultSecret:
@@ -81,6 +66,7 @@ def _apply_and_read_back(kube_api: Any, manifest: dict[str, Any]) -> dict[str, A
     return stored
 
 
+@pytest.mark.usefixtures("namespace")
 @pytest.mark.parametrize(("version", "access_key", "secret_key"), [(1, AK1, SK1), (None, AK2, SK2)])
 def test_vault_keys_reach_the_secret_seldon_reads(
     vault, kube_api, version, access_key, secret_key
@@ -108,6 +94,7 @@ def test_vault_keys_reach_the_secret_seldon_reads(
     assert stored["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "ctcd"
 
 
+@pytest.mark.usefixtures("namespace")
 def test_plain_keys_without_vault_reach_the_secret(kube_api) -> None:
     credentials = ObjectStoreCredentials(
         access_key_id=SecretStr(PLAIN_AK), secret_access_key=SecretStr(PLAIN_SK)

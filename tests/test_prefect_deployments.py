@@ -26,23 +26,14 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks import MLflowModelDeployer
-from tests.processes import loopback_port, stop_group
+from tests.processes import loopback_port, start_logged, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    return start_logged(cmd, log, env=env, cwd=ROOT)
 
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -284,24 +275,6 @@ def test_serve_builds_the_same_deployments_from_prefect_yaml() -> None:
     [trigger] = built["continuous-deployment"].triggers
     assert trigger.expect == {"prefect.flow-run.Completed"}
     assert trigger.parameters == {"training_flow_run_id": "{{ event.resource.id }}"}
-
-
-@pytest.fixture(scope="module")
-def kube_api(tmp_path_factory) -> Iterator[Any]:
-    """A real kube-apiserver + etcd from KUBEBUILDER_ASSETS (see tests/kube.py)."""
-    assets = os.environ.get("KUBEBUILDER_ASSETS")
-    if not assets:
-        pytest.skip(
-            "KUBEBUILDER_ASSETS is unset: no kube-apiserver/etcd binaries to test the Kubernetes "
-            "pool against (.ci/run sets it from ../shared/k8s/assets.sh)"
-        )
-    from tests import kube
-
-    api = kube.start(Path(assets), tmp_path_factory.mktemp("kube"))
-    try:
-        yield api
-    finally:
-        api.stop()
 
 
 def test_kubernetes_worker_submits_the_job(deployed, kube_api, tmp_path) -> None:

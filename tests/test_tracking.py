@@ -9,7 +9,6 @@ import base64
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from flows.continuous_deployment import continuous_deployment_pipeline
 from flows.data import feature_frame
 from flows.drift import drift_monitor
 from flows.training import training_pipeline
-from tests.processes import loopback_port, stop_group
+from tests.processes import loopback_port, start_logged, stop_group, wait_healthy
 from tests.test_vault import ROOT_TOKEN, _start_bao
 
 ADMIN_PASSWORD = "admin-Pa55word-for-tests"
@@ -58,34 +57,18 @@ def _start_mlflow(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
         "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
     }
-    log = open(tmp / "server.log", "wb")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--app-name=basic-auth",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            f"--backend-store-uri=sqlite:///{tmp / 'mlflow.db'}",
-            f"--artifacts-destination={tmp / 'artifacts'}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        env=env,
-        cwd=tmp,
-    )
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{uri}/health", timeout=1).status_code == 200:
-                return proc, uri
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-    stop_group(proc, 5)
-    raise RuntimeError((tmp / "server.log").read_text()[-3000:])
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--app-name=basic-auth",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--backend-store-uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"--artifacts-destination={tmp / 'artifacts'}",
+    ]
+    proc = start_logged(cmd, tmp / "server.log", env=env, cwd=tmp)
+    wait_healthy(proc, f"{uri}/health", tmp / "server.log", 120)
+    return proc, uri
 
 
 @pytest.fixture(scope="module")

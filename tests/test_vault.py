@@ -11,14 +11,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import hvac
 import pytest
 from pydantic import SecretStr
 
 from blocks import VaultCredentials, VaultSecret
 from ctcd.exceptions import VaultError
-from tests.processes import loopback_port, stop_group
+from tests.processes import loopback_port, start_logged, stop_group, wait_healthy
 
 BAO = Path(sys.executable).with_name("bao")
 ROOT_TOKEN = "ctcd-test-root"
@@ -28,29 +27,11 @@ OLD, NEW = "first-Pa55word-value", "second-Pa55word-value"
 def _start_bao(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = loopback_port()
     address = f"http://127.0.0.1:{port}"
-    log = open(tmp / "bao.log", "wb")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(
-        [
-            str(BAO),
-            "server",
-            "-dev",
-            f"-dev-root-token-id={ROOT_TOKEN}",
-            f"-dev-listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "HOME": str(tmp)},
-    )
-    for _ in range(200):
-        try:
-            if httpx.get(f"{address}/v1/sys/health", timeout=1).status_code == 200:
-                return proc, address
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError((tmp / "bao.log").read_text()[-2000:])
+    cmd = [str(BAO), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}"]
+    cmd.append(f"-dev-listen-address=127.0.0.1:{port}")
+    proc = start_logged(cmd, tmp / "bao.log", env={**os.environ, "HOME": str(tmp)})
+    wait_healthy(proc, f"{address}/v1/sys/health", tmp / "bao.log", 10)
+    return proc, address
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ reviewer service account bound to `system:auth-delegator`. Nothing is mocked."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from ctcd.exceptions import VaultError
 from tests.processes import stop_group
 from tests.test_vault import ROOT_TOKEN, _start_bao
 
-NAMESPACE, ROLE = "ctcd", "ctcd-flows"
+NAMESPACE, ROLE = "ctcd-vault", "ctcd-flows"
 RUNNER, OTHER, RETIRED, REVIEWER = "flow-runner", "other", "retired", "vault-reviewer"
 PASSWORD = "k8s-Pa55word-value"
 
@@ -87,28 +86,16 @@ def _configure_bao(address: str, kube_url: str, ca_cert: str, reviewer_jwt: str)
 
 
 @pytest.fixture(scope="module")
-def k8s_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    assets = os.environ.get("KUBEBUILDER_ASSETS")
-    if not assets:
-        pytest.skip(
-            "KUBEBUILDER_ASSETS is unset: no kube-apiserver/etcd binaries to issue and review "
-            "service-account JWTs (.ci/run sets it from ../shared/k8s/assets.sh)"
-        )
-    from tests import kube
-
-    api = kube.start(Path(assets), tmp_path_factory.mktemp("kube"))
+def k8s_vault(kube_api: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    proc, address = _start_bao(tmp_path_factory.mktemp("bao"))
     try:
-        proc, address = _start_bao(tmp_path_factory.mktemp("bao"))
-        try:
-            with api.client() as client:
-                jwts = _service_accounts(client)
-            ca_cert = (api.pki / "ca.crt").read_text()
-            _configure_bao(address, api.url, ca_cert, jwts[REVIEWER])
-            yield Setup(address, jwts)
-        finally:
-            stop_group(proc, 10)
+        with kube_api.client() as client:
+            jwts = _service_accounts(client)
+        ca_cert = (kube_api.pki / "ca.crt").read_text()
+        _configure_bao(address, kube_api.url, ca_cert, jwts[REVIEWER])
+        yield Setup(address, jwts)
     finally:
-        api.stop()
+        stop_group(proc, 10)
 
 
 def _credentials(k8s_vault: Setup, tmp_path: Path, account: str) -> VaultCredentials:
