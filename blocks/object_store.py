@@ -75,12 +75,11 @@ class ObjectStoreCredentials(Block):
     def _resolve(self, field: str, value: SecretStr | VaultSecret) -> SecretStr:
         if isinstance(value, SecretStr):
             return value
-        where = f"secret '{value.mount_point}/{value.path}' key '{value.key}'"
         if self.vault is None:
             raise ValueError(
-                f"ObjectStoreCredentials.{field} refers to Vault ({where}) but the block has "
-                "no `vault` credentials to read it with. Set `vault=VaultCredentials.load(...)`,"
-                f" or give `{field}` as a SecretStr."
+                f"ObjectStoreCredentials.{field} refers to Vault ({value.where()}) but the block "
+                "has no `vault` credentials to read it with. Set "
+                f"`vault=VaultCredentials.load(...)`, or give `{field}` as a SecretStr."
             )
         try:
             return value.resolve(self.vault)

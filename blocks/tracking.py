@@ -95,7 +95,7 @@ class MLflowTracking(Block):
             raise ValueError("give either username and password or a token, not both")
         if (self.password is None) != (self.username is None):
             raise ValueError("username and password go together")
-        refs = [s for s in (self.password, self.token) if isinstance(s, VaultSecret)]
+        refs = any(isinstance(s, VaultSecret) for s in (self.password, self.token))
         if refs and self.vault is None:
             raise ValueError("a VaultSecret needs the `vault` field (a VaultCredentials block)")
         return self
@@ -109,10 +109,7 @@ class MLflowTracking(Block):
         """Where a credential comes from, for messages (never its value)."""
         value = getattr(self, field)
         if isinstance(value, VaultSecret) and self.vault is not None:
-            return (
-                f"the {field} in Vault at {self.vault.address}, secret "
-                f"'{value.mount_point}/{value.path}' key '{value.key}'"
-            )
+            return f"the {field} in Vault at {self.vault.address}, {value.where()}"
         return f"the block's `{field}`"
 
     def _secret(self, value: SecretStr | VaultSecret | None) -> SecretStr | None:

@@ -4,7 +4,7 @@ clients, and references to KV v2 secrets that are resolved only at run time."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import hvac
 import requests
@@ -64,7 +64,7 @@ class VaultCredentials(Block):
         )
         try:
             self._login(client)
-            authenticated = client.is_authenticated()
+            token = _lookup_self(client)
         except requests.exceptions.RequestException:
             raise VaultError(
                 self.address, "unreachable", "the address and that Vault runs"
@@ -77,26 +77,15 @@ class VaultCredentials(Block):
                 f"{self.auth_method} login failed ({type(err).__name__})",
                 f"the {self.auth_method} credentials and the auth mount",
             ) from None
-        if not authenticated:
+        if token is None:
             raise VaultError(
                 self.address,
                 "the token is invalid, expired or revoked",
                 "the token, or use AppRole or Kubernetes auth, which log in anew",
             )
         if self.auth_method == "token":
-            self._renew(client)
+            _renew(client, token)
         return client
-
-    def _renew(self, client: hvac.Client) -> None:
-        """Renew a renewable static token once less than half its lifetime is left, so a
-        long-lived block keeps working; a token past its maximum TTL cannot be renewed."""
-        try:
-            info = client.auth.token.lookup_self()["data"]
-        except hvac.exceptions.Forbidden:  # a policy without the default lookup-self grant
-            return
-        ttl, lifetime = int(info.get("ttl") or 0), int(info.get("creation_ttl") or 0)
-        if info.get("renewable") and 0 < ttl < lifetime / 2:
-            client.auth.token.renew_self(increment=lifetime)
 
     def _login(self, client: hvac.Client) -> None:
         if self.auth_method == "token":
@@ -169,6 +158,27 @@ class VaultCredentials(Block):
         return SecretStr(str(data[key]))
 
 
+def _lookup_self(client: hvac.Client) -> dict[str, Any] | None:
+    """The client's token as Vault describes it, or None if Vault refuses it (what hvac's
+    `is_authenticated()` checks, keeping the answer for `_renew`)."""
+    try:
+        return dict(client.auth.token.lookup_self()["data"])
+    except (
+        hvac.exceptions.Forbidden,
+        hvac.exceptions.InvalidPath,
+        hvac.exceptions.InvalidRequest,
+    ):
+        return None
+
+
+def _renew(client: hvac.Client, token: dict[str, Any]) -> None:
+    """Renew a renewable static token once less than half its lifetime is left, so a
+    long-lived block keeps working; a token past its maximum TTL cannot be renewed."""
+    ttl, lifetime = int(token.get("ttl") or 0), int(token.get("creation_ttl") or 0)
+    if token.get("renewable") and 0 < ttl < lifetime / 2:
+        client.auth.token.renew_self(increment=lifetime)
+
+
 class VaultSecret(BaseModel):
     """A reference to a secret, resolved only at run time: where a credential goes, store
     this, never the value."""
@@ -179,6 +189,10 @@ class VaultSecret(BaseModel):
     key: str = Field(description="Key within the secret, e.g. `password`.")
     version: int | None = Field(default=None, description="KV v2 version; default the latest.")
     mount_point: str = Field(default="secret", description="The KV v2 mount.")
+
+    def where(self) -> str:
+        """Where it lives, for messages: `secret 'MOUNT/PATH' key 'KEY'`."""
+        return f"secret '{self.mount_point}/{self.path}' key '{self.key}'"
 
     def resolve(self, credentials: VaultCredentials) -> SecretStr:
         return credentials.read_secret(self.path, self.key, self.version, self.mount_point)
