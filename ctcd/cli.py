@@ -15,6 +15,11 @@ from ctcd.exceptions import CtcdError
 app = typer.Typer(no_args_is_help=True, help="Continuous training and deployment with Prefect.")
 models = typer.Typer(no_args_is_help=True, help="Inspect and manage served models.")
 app.add_typer(models, name="models")
+prefect_server = typer.Typer(
+    no_args_is_help=True,
+    help="The local Prefect server (UI and API) that runs with no PREFECT_API_URL use.",
+)
+app.add_typer(prefect_server, name="prefect-server")
 console = Console(width=None if sys.stdout.isatty() else 200)
 DeployerOpt = Annotated[
     str | None,
@@ -177,14 +182,57 @@ def logs(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    rows: Annotated[
+        int, typer.Option("--rows", help="Rows of the generated sample table.")
+    ] = 115_609,
+) -> None:
     """Run continuous deployment on the sample table and leave its server running."""
     from ctcd.demo import run
 
     try:
-        run()
+        run(rows)
     except CtcdError as err:
         _fail(str(err))
+
+
+@prefect_server.command("status")
+def prefect_server_status() -> None:
+    """Say whether the local Prefect server runs, and where."""
+    from ctcd import local_api
+
+    server = local_api.recorded()
+    if server is None:
+        typer.echo("not running (the next flow run with no PREFECT_API_URL starts it)")
+        return
+    state = "running" if local_api.healthy(server) else "starting (not answering yet)"
+    typer.echo(f"{state}: {server.url} (PID {server.pid}, log {server.log})")
+
+
+@prefect_server.command("start")
+def prefect_server_start() -> None:
+    """Start the local Prefect server (a no-op when it runs) and wait until it answers."""
+    from ctcd import local_api
+
+    try:
+        server = local_api.ensure()
+        local_api.wait_healthy(server)
+    except CtcdError as err:
+        _fail(str(err))
+    typer.echo(f"running: {server.url} (PID {server.pid})")
+
+
+@prefect_server.command("stop")
+def prefect_server_stop() -> None:
+    """Stop the local Prefect server (its runs stay in PREFECT_HOME's database)."""
+    from ctcd import local_api
+
+    server = local_api.recorded()
+    if server is None:
+        typer.echo("not running")
+        return
+    local_api.stop(server)
+    typer.echo(f"stopped: {server.url} (PID {server.pid})")
 
 
 def main() -> None:

@@ -116,6 +116,18 @@ class ModelLoadError(ModelServerError):
         )
 
 
+class LocalApiError(CtcdError, RuntimeError):
+    """The local Prefect server ctcd started for runs with embedded defaults is not usable."""
+
+    def __init__(self, url: str, problem: str, log: str) -> None:
+        super().__init__(
+            f"The local Prefect server at {url} (started by ctcd) is not answering: {problem}. "
+            f"Its log: {log}. Run `ctcd prefect-server stop` and try again, point "
+            "PREFECT_API_URL at a server you run, or set CTCD_LOCAL_API=0 to let Prefect start "
+            "a temporary one per process."
+        )
+
+
 class ModelConfigError(CtcdError, ValueError):
     def __init__(self, problem: str) -> None:
         super().__init__(f"{problem}")

@@ -43,9 +43,6 @@ def configure_mlflow(experiment_name: str) -> str:
     """
     import mlflow
 
-    from ctcd import warmup
-
-    warmup.wait_for_mlflow()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(experiment_name)

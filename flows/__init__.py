@@ -7,15 +7,15 @@ from typing import Any
 
 from prefect import Flow
 
-from ctcd import warmup
+from ctcd import local_api
 
 
 class CtcdFlow(Flow):  # type: ignore[type-arg]
-    """A Prefect flow that runs against the temporary API server `ctcd.warmup` started
-    during import, when there is one (see that module)."""
+    """A Prefect flow that, with no API URL configured, runs against the local Prefect server
+    ctcd keeps (see `ctcd.local_api`) instead of a temporary one per process."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with warmup.prefect_api():
+        with local_api.api():
             return super().__call__(*args, **kwargs)
 
 
@@ -28,4 +28,4 @@ def ctcd_flow(**options: Any) -> Callable[[Callable[..., Any]], CtcdFlow]:
     return decorate
 
 
-warmup.start()
+local_api.prepare()
