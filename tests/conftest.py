@@ -4,6 +4,7 @@ folder, real gunicorn model servers (each test's servers are deleted after it)."
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,9 +35,27 @@ FAST_RF = {"n_estimators": 10, "max_depth": 6}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Prefect's test harness for the session. Afterwards, whatever happened: end any process
+    the session left in its temp folders (e.g. a model server a timed-out test was still
+    deploying) and remove the session folder."""
+    from tests.processes import end_processes_under
+
+    try:
+        with prefect_test_harness(server_startup_timeout=60):
+            yield
+    finally:
+        for folder in (tmp_path_factory.getbasetemp(), _SESSION_DIR):
+            if left := end_processes_under(folder):
+                print(f"\nended processes the tests left in {folder}: {left}")
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+def missing(why: str) -> None:
+    """A real component a test needs is not here: fail under CI=true, skip (saying why) locally."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why} (CI=true: a missing component fails the run)")
+    pytest.skip(why)
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +64,7 @@ def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     each test module works in namespaces of its own. Skips, saying why, when that is unset."""
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     if not assets:
-        pytest.skip(
+        missing(
             "KUBEBUILDER_ASSETS is unset: no kube-apiserver/etcd binaries to test against "
             "(.ci/run sets it from ../shared/k8s/assets.sh)"
         )
@@ -82,10 +101,12 @@ def ctcd_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     monkeypatch.setenv("CTCD_HOME", str(home))
     yield home
     from blocks import MLflowModelDeployer
+    from tests.processes import end_processes_under
 
     deployer = MLflowModelDeployer()
     for record in deployer.find_model_server():
         deployer.delete_model_server(record.uuid, timeout=5)
+    end_processes_under(home)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,3 +59,32 @@ def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: fl
         time.sleep(0.05)
     stop_group(proc, 5)
     raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def end_processes_under(folder: Path, timeout: float = 10.0) -> list[int]:
+    """End every process this test run left that works in `folder` (a temp folder of its own):
+    model servers (their command line names their runtime folder) and flow-run processes
+    (their environment does), e.g. after a test timed out mid-deploy. Returns their PIDs.
+    Only processes that name this run's own temp folder match, so nothing else is touched."""
+    import psutil
+
+    mark = str(folder)
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid in mine:
+            continue
+        try:
+            named = any(mark in arg for arg in proc.info["cmdline"] or [])
+            if named or any(mark in value for value in proc.environ().values()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(found, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return [p.pid for p in found]

@@ -26,7 +26,8 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks import MLflowModelDeployer
-from tests.processes import loopback_port, start_logged, stop_group
+from tests.conftest import missing
+from tests.processes import end_processes_under, loopback_port, start_logged, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -54,6 +55,22 @@ def _postgres(sql: str) -> None:
     asyncio.run(run())
 
 
+def _create_database(database: str, seconds: float = 30.0) -> None:
+    """Create the test's database, giving a PostgreSQL that is still starting time to accept
+    connections. Unreachable after that: a failure under CI=true, a skip (with why) locally."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            _postgres(f'CREATE DATABASE "{database}"')
+            return
+        except (OSError, TimeoutError) as err:  # refused, unreachable, or no answer
+            if time.monotonic() < deadline:
+                time.sleep(1)
+                continue
+            why = f"PostgreSQL at 127.0.0.1:5432 is unreachable after {seconds:.0f} s ({err!r})"
+            missing(why)
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def server(request, tmp_path_factory) -> Iterator[dict[str, str]]:
     """A real Prefect server on SQLite, or on the local PostgreSQL (a database of its own,
@@ -68,10 +85,7 @@ def server(request, tmp_path_factory) -> Iterator[dict[str, str]]:
         CTCD_WARM_START="0",
     )
     if request.param == "postgresql":
-        try:
-            _postgres(f'CREATE DATABASE "{database}"')
-        except (OSError, TimeoutError) as err:  # refused, unreachable, or no answer
-            pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable ({err!r})")
+        _create_database(database)
         url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = url
     port = loopback_port()
@@ -209,6 +223,7 @@ def test_training_triggers_deployment_and_drift_triggers_training(deployed, smal
         stop_group(worker)
         for record in deployer.find_model_server():
             deployer.delete_model_server(record.uuid)
+        end_processes_under(tmp_path)  # e.g. a deploy still running after a timeout
 
 
 def _deploy_file(prefect_file: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -223,10 +238,23 @@ def _deploy_file(prefect_file: Path, env: dict[str, str]) -> subprocess.Complete
     )
 
 
-def test_make_deploy_refuses_bad_input_before_applying_anything(server, tmp_path) -> None:
+def _deployments(env: dict[str, str]) -> dict[str, tuple[Any, ...]]:
+    """What a wrongful apply would change: each deployment's update time and parameters."""
+    with _api(env) as client:
+        return {
+            d.name: (d.updated, d.parameters, [s.schedule for s in d.schedules])
+            for d in client.read_deployments()
+        }
+
+
+def test_make_deploy_refuses_bad_input_before_applying_anything(deployed, tmp_path) -> None:
+    server = deployed  # every deployment exists: a wrongful apply would update them
     no_api = {k: v for k, v in server.items() if k != "PREFECT_API_URL"}
     done = _make_deploy(no_api)
     assert done.returncode != 0 and "PREFECT_API_URL is not set" in done.stderr
+    dead = f"http://127.0.0.1:{loopback_port()}/api"
+    done = _make_deploy({**server, "PREFECT_API_URL": dead})
+    assert done.returncode != 0 and f"The Prefect API at {dead} is not reachable" in done.stderr
 
     bad = tmp_path / "prefect.yaml"
     text = (ROOT / "prefect.yaml").read_text().replace("name: ctcd-process", "name: gpu-pool")
@@ -235,7 +263,8 @@ def test_make_deploy_refuses_bad_input_before_applying_anything(server, tmp_path
     assert done.returncode != 0 and "gpu-pool" in done.stderr
     with _api(server) as client:
         assert "gpu-pool" not in {p.name for p in client.read_work_pools()}
-        before = len(client.read_deployments())
+    before = _deployments(server)
+    assert len(before) == 6
 
     text = (ROOT / "prefect.yaml").read_text()
     for old, new, words in [
@@ -255,8 +284,7 @@ def test_make_deploy_refuses_bad_input_before_applying_anything(server, tmp_path
         done = _deploy_file(bad, server)
         assert done.returncode != 0 and words in done.stderr, done.stderr
         assert "nothing was applied" in done.stderr
-    with _api(server) as client:
-        assert len(client.read_deployments()) == before
+    assert _deployments(server) == before
 
 
 def test_serve_builds_the_same_deployments_from_prefect_yaml() -> None:

@@ -9,6 +9,7 @@ import base64
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import hvac
 import pandas as pd
 import psutil
 import pytest
+from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.logging.handlers import APILogHandler
@@ -214,13 +216,36 @@ def test_a_stale_password_fails_before_any_work(remote, small_csv, model_name) -
     assert _admin(remote, "registered-models/get", name=model_name).status_code == 404
 
 
-def _task_runs(state: Any) -> list[Any]:
+def _read_task_runs(state: Any) -> list[Any]:
     with get_client(sync_client=True) as client:
         return client.read_task_runs(
             flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
             )
         )
+
+
+@task
+def _control_task() -> int:
+    return 1
+
+
+@flow
+def _control_flow() -> None:
+    _control_task()
+
+
+def _task_runs(state: Any) -> list[Any]:
+    """The task runs of `state`'s flow run, read once the server has recorded what came
+    before: Prefect 3 writes task runs later, from events, so an empty answer right after a
+    flow proves nothing. A control flow that runs one task goes first; its task run must show
+    up through the same query before `state`'s are read."""
+    control = _control_flow(return_state=True)
+    deadline = time.monotonic() + 30
+    while not _read_task_runs(control) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(_read_task_runs(control)) == 1, "the control flow's task run was never recorded"
+    return _read_task_runs(state)
 
 
 @pytest.mark.parametrize(

@@ -135,15 +135,24 @@ def test_sealed_vault_is_named(tmp_path) -> None:
 
 
 def test_a_renewable_token_is_renewed_and_a_revoked_one_is_named(bao) -> None:
+    # Waits are driven by what Vault reports, with ~10 s of slack for a stalled machine.
+    lifetime = 20
     root = hvac.Client(url=bao["address"], token=ROOT_TOKEN)
-    short = root.auth.token.create(policies=["ctcd-read"], ttl="8s", renewable=True)
+    short = root.auth.token.create(policies=["ctcd-read"], ttl=f"{lifetime}s", renewable=True)
+    expires = time.monotonic() + lifetime
     token = short["auth"]["client_token"]
     credentials = _token(bao, token)
-    time.sleep(4.5)  # under half its 8 s lifetime is left
+
+    def ttl() -> int:
+        return int(root.auth.token.lookup(token)["data"]["ttl"])
+
     assert credentials.read_secret("ctcd/mlflow", "password").get_secret_value() == NEW
-    ttl = root.auth.token.lookup(token)["data"]["ttl"]
-    assert ttl > 5, f"not renewed: {ttl} s left"
-    time.sleep(4.5)  # past the original expiry: only a renewed token still reads
+    assert ttl() > lifetime / 2, "the machine stalled: half the lifetime passed already"
+    while (before := ttl()) >= lifetime / 2:  # until under half its lifetime is left
+        time.sleep(0.2)
+    assert credentials.read_secret("ctcd/mlflow", "password").get_secret_value() == NEW
+    assert ttl() > before, f"not renewed: {ttl()} s left, {before} s before the read"
+    time.sleep(max(0.0, expires - time.monotonic()) + 1)  # past the original expiry
     assert credentials.read_secret("ctcd/mlflow", "password").get_secret_value() == NEW
 
     root.auth.token.revoke(token)
