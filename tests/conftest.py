@@ -42,7 +42,7 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     from tests.processes import end_processes_under
 
     try:
-        with prefect_test_harness(server_startup_timeout=60):
+        with prefect_test_harness(server_startup_timeout=180):
             yield
     finally:
         for folder in (tmp_path_factory.getbasetemp(), _SESSION_DIR):

@@ -309,3 +309,26 @@ def test_block_refuses_inconsistent_credentials_without_echoing_them() -> None:
         MLflowTracking(password=SecretStr(PASSWORD))
     block = MLflowTracking(username="u", password=SecretStr(PASSWORD))
     assert PASSWORD not in repr(block) and PASSWORD not in str(block.model_dump())
+
+
+def test_request_retries_bound_how_long_mlflow_tries_an_unreachable_server(monkeypatch) -> None:
+    """The suite sets MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 for speed; here it is the block's
+    `request_retries` that must stop MLflow's own client from retrying for ~4 minutes."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    dead = f"http://127.0.0.1:{loopback_port()}"
+    block = MLflowTracking(tracking_uri=dead, request_retries=1, request_timeout=5)
+    env = block.environment()
+    assert env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    for name, value in env.items():  # what activate() sets, without its up-front check
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    with pytest.raises(MlflowException):
+        mlflow.MlflowClient(dead).search_experiments()
+    # MLflow's default (7 retries, backoff factor 2) keeps at it for minutes.
+    assert time.monotonic() - started < 60
