@@ -75,7 +75,9 @@ def _announce(serving: dict[str, Any], said: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(said | {"model_version": serving["model_version"]}))
     tmp.replace(path)
-    os.kill(os.getppid(), signal.SIGWINCH)  # wake the master: it acts on announcements
+    master = int(os.environ.get("CTCD_MASTER_PID", "0"))
+    if master and os.getppid() == master:  # wake the master: it acts on announcements
+        os.kill(master, signal.SIGWINCH)
 
 
 SERVING, model, _SAID = _load()

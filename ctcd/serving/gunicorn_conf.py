@@ -39,6 +39,7 @@ def post_fork(server: Any, worker: Any) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != server.pid:  # the master died before prctl took effect
             os._exit(0)
+    os.environ["CTCD_MASTER_PID"] = str(server.pid)  # whom the app may wake (ctcd.serving.app)
     folder = Path(os.environ["CTCD_SERVICE_DIR"], "workers")
     for suffix in (".json", ".leaving"):
         (folder / f"{os.getpid()}{suffix}").unlink(missing_ok=True)
