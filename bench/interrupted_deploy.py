@@ -5,10 +5,12 @@
 A local server (1 worker) serves version A under steady keep-alive load. Five times in a
 row, a fresh process calls `MLflowModelDeployer().deploy_model(...)` for the version the
 record does not name and is SIGKILLed mid-swap: 0-0.6 s (random, seeded) after the server
-started a new worker, or 0.2-1.5 s after the process's imports if none starts. Then,
-and again after one clean deploy: the worker processes the master runs, the record's version,
-the versions 60 `/metadata` calls (fresh connections) were answered with, and the requests
-that failed after one retry. Run it against older code with PYTHONPATH pointing at that tree.
+started a new worker, or 0.2-1.5 s after the process's imports if none starts. Right after
+the kills, once the server settles (or 60 s later), and after one clean deploy: the worker
+processes the master runs, the record's version and status, the versions 60 `/metadata`
+calls (fresh connections) were answered with, and the requests that failed after one retry.
+
+Against older code: copy this folder into that tree and run it with PYTHONPATH=that tree.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ config = DeploymentConfig.model_validate_json(sys.argv[1])
 print("ready", flush=True)
 MLflowModelDeployer().deploy_model(config)
 """
-SETTLE_S = 10.0  # what a user waits before looking again
+SETTLE_S = 60.0  # how long to wait for the server to settle after the kills
 
 
 def answered(record, calls: int = 60) -> Counter[str]:
@@ -41,6 +43,19 @@ def answered(record, calls: int = 60) -> Counter[str]:
     fresh = httpx.Limits(max_keepalive_connections=0)
     with httpx.Client(limits=fresh, timeout=10) as client:
         return Counter(str(client.get(url).json()["model_version"]) for _ in range(calls))
+
+
+def settle(deployer, uuid: str) -> str:
+    """Seconds until the master runs the recorded worker count, all on one version."""
+    from blocks import local_process as lp
+
+    start = time.monotonic()
+    while time.monotonic() - start < SETTLE_S:
+        record = deployer.get_model_server(uuid)
+        if len(lp.workers(record)) == record.workers and len(answered(record, 20)) == 1:
+            return f"settled {time.monotonic() - start:.1f} s after the last kill"
+        time.sleep(0.5)
+    return f"not settled {SETTLE_S:.0f} s after the last kill"
 
 
 def report(label: str, deployer, uuid: str, load) -> None:
@@ -108,8 +123,9 @@ def main() -> None:
                 other = v2 if now == v1.model_version else v1
                 when = kill_mid_deploy(record, other, rng)
                 print(f"  deploy of v{other.model_version} killed {when}", flush=True)
-            time.sleep(SETTLE_S)
-            report(f"{opts.kills} killed deploys + {SETTLE_S:.0f} s", deployer, record.uuid, load)
+            report(f"{opts.kills} killed deploys", deployer, record.uuid, load)
+            print(f"  {settle(deployer, record.uuid)}", flush=True)
+            report(f"{opts.kills} killed deploys, then", deployer, record.uuid, load)
             now = deployer.get_model_server(record.uuid).model_version
             other = v2 if now == v1.model_version else v1
             deployer.deploy_model(by_version[other.model_version])

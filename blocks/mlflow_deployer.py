@@ -268,24 +268,24 @@ class MLflowModelDeployer(BaseModelDeployer):
                 lp.wait_converged(record, generation + 1, self.stop_timeout)
             raise
         except ModelServerError as err:
-            self._undo(record, generation, str(err))
+            reverted = self._undo(record, config.model_version, generation, str(err))
+            self._write_record(record if reverted else updated, last_error=str(err))
             raise
         stable = ds.read_json(runtime / ds.STABLE) or {}
         self._prune(runtime, keep={config.model_version, str(stable.get("model_version"))})
         return self._write_record(updated, last_error=None)
 
-    def _undo(self, record: ServiceRecord, generation: int, error: str) -> None:
+    def _undo(self, record: ServiceRecord, version: str, generation: int, error: str) -> bool:
         """After a timeout, ask a live server to go back to the version all its workers served
-        last; a dead one keeps the desired version (`start` serves it)."""
+        last (True if it was asked); a dead one keeps the desired version (`start` serves it)."""
         runtime = Path(str(record.runtime_dir))
         stable = ds.read_json(runtime / ds.STABLE)
         if stable is None or lp.process(record) is None:
-            self._write_record(record, last_error=error)
-            return
-        rejected = {"model_version": record.model_version, "reason": error.splitlines()[0]}
-        ds.set_desired(runtime, stable, record.workers, generation, rejected)
+            return False
+        rejected = {"model_version": version, "reason": error.splitlines()[0]}
+        written = ds.set_desired(runtime, stable, record.workers, generation, rejected)
         lp.wake(record)
-        self._write_record(record, last_error=error)
+        return written is not None
 
     def _prune(self, runtime: Path, keep: set[str]) -> None:
         copies = sorted((runtime / "models").iterdir(), key=lambda p: p.stat().st_mtime)
