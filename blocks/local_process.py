@@ -1,7 +1,9 @@
-"""Process plumbing for local model servers: spawn gunicorn detached, check, signal, stop.
+"""Process plumbing for local model servers: spawn gunicorn detached, observe its workers,
+wait for them to converge, stop.
 
 The truth about a local server lives in its runtime folder: `service.json` (the record),
-`current.json` (the model it should serve), `server.log` and the model copies.
+`current.json` (the desired state: the model it should serve and its worker count, see
+`ctcd.serving.desired`), `server.log`, the workers' announcements and the model copies.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import psutil
 
 from blocks.service import ServiceRecord
 from ctcd.exceptions import ModelLoadError, ModelServerError
+from ctcd.serving import desired as ds
 
 # Never hand a model server the credentials of the process that deployed it.
 _SECRET_ENV_PREFIXES = ("MLFLOW_TRACKING_", "VAULT_", "BAO_", "AWS_SECRET", "PREFECT_API_KEY")
@@ -75,7 +78,7 @@ def spawn(record: ServiceRecord, runtime_dir: Path) -> tuple[int, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SECRET_ENV_PREFIXES)}
     env["CTCD_SERVICE_DIR"] = str(runtime_dir)
     cmd = [
-        sys.executable, "-m", "gunicorn",
+        sys.executable, "-m", "ctcd.serving.master",
         "--config", "python:ctcd.serving.gunicorn_conf",
         "--bind", f"{record.host}:{record.port}",
         "--workers", str(record.workers),
@@ -108,32 +111,6 @@ def healthy(record: ServiceRecord, timeout: float = 2.0) -> bool:
         return False
 
 
-def wait_serving(record: ServiceRecord, version: str, timeout: float) -> None:
-    """Block until the server answers with `version`; raise with the log tail if it dies."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process(record) is None:
-            raise ModelServerError(
-                f"Starting the model server for {record.model_name}",
-                f"the server process (PID {record.pid}) exited",
-                log_tail(record.log_path),
-            )
-        if served_version(record) == version:
-            return
-        time.sleep(0.1)
-    raise ModelServerError(
-        f"Serving {record.model_name} version {version} at {record.prediction_url}",
-        f"not answering with that version after {timeout:.0f} s",
-        log_tail(record.log_path),
-        "Raise the deployer's deploy_timeout if the model is slow to load.",
-    )
-
-
-def _signal(record: ServiceRecord, sig: signal.Signals) -> None:
-    if record.pid is not None:
-        os.kill(record.pid, sig)
-
-
 def workers(record: ServiceRecord) -> list[psutil.Process]:
     """The master's worker processes, oldest first."""
     master = process(record)
@@ -145,68 +122,109 @@ def workers(record: ServiceRecord) -> list[psutil.Process]:
         return []
 
 
-def announced_version(runtime_dir: Path, pid: int) -> str | None:
-    """The model version a worker reported once it had loaded it (see ctcd.serving.app)."""
-    try:
-        data = json.loads((runtime_dir / "workers" / f"{pid}.json").read_text())
-        return str(data["model_version"])
-    except (OSError, ValueError, KeyError):
-        return None
+def observe_workers(record: ServiceRecord) -> list[tuple[int, str | None, bool]]:
+    """Each live worker, oldest first: (pid, the version it announced or None while it loads,
+    whether the master told it to leave). From the workers' own announcements."""
+    runtime = Path(str(record.runtime_dir))
+    seen = []
+    for proc in workers(record):
+        said = ds.announcement(runtime, proc.pid)
+        version = None if said is None else str(said["model_version"])
+        seen.append((proc.pid, version, ds.is_leaving(runtime, proc.pid)))
+    return seen
 
 
-def rolling_swap(record: ServiceRecord, runtime_dir: Path, version: str, timeout: float) -> None:
-    """Replace the workers one at a time: SIGTTIN makes the master fork a worker, which loads
-    the model `current.json` names while the old workers keep serving; once it announces
-    `version`, SIGTTOU makes the master retire its oldest worker, which drains its requests.
-    """
-    deadline = time.monotonic() + timeout
-    old = workers(record)
-    seen = {p.pid for p in old}
-    for retiring in old:
-        _signal(record, signal.SIGTTIN)
-        seen.add(_wait_new_worker(record, runtime_dir, version, seen, deadline))
-        _signal(record, signal.SIGTTOU)
-        with contextlib.suppress(psutil.Error):  # already gone
-            retiring.wait(max(0.1, deadline - time.monotonic()))
-    for stale in (runtime_dir / "workers").glob("*.json"):
-        if int(stale.stem) not in seen:
-            stale.unlink(missing_ok=True)
-
-
-def _wait_new_worker(
-    record: ServiceRecord, runtime_dir: Path, version: str, seen: set[int], deadline: float
-) -> int:
-    while time.monotonic() < deadline:
-        if process(record) is None:
-            raise ModelServerError(
-                f"Swapping in {record.model_name} version {version}",
-                "the server process exited",
-                log_tail(record.log_path),
-            )
-        for proc in workers(record):
-            if proc.pid in seen:
-                continue
-            got = announced_version(runtime_dir, proc.pid)
-            if got == version:
-                return proc.pid
-            if got is not None:  # it fell back to the previous version: see ctcd.serving.app
-                raise ModelLoadError(record.model_name, version, log_tail(record.log_path, 80))
-        time.sleep(0.05)
-    raise ModelServerError(
-        f"Swapping in {record.model_name} version {version}",
-        "no new worker announced that version in time",
-        log_tail(record.log_path),
-        "Raise the deployer's deploy_timeout if the model is slow to load.",
+def converged(seen: list[tuple[int, str | None, bool]], want: dict[str, Any]) -> bool:
+    """Whether exactly the desired number of workers run, all serving the desired version."""
+    return len(seen) == int(want.get("workers", 1)) and all(
+        version == str(want["model_version"]) and not leaving for _, version, leaving in seen
     )
 
 
-def trim_workers(record: ServiceRecord, wanted: int, timeout: float = 15.0) -> None:
-    """Retire the oldest workers until the master runs `wanted` (after a failed swap)."""
-    current = workers(record)
-    for retiring in current[: max(0, len(current) - wanted)]:
-        _signal(record, signal.SIGTTOU)
+def wake(record: ServiceRecord) -> None:
+    """Make the master look at the desired state now rather than at its next tick (SIGWINCH
+    is a no-op for gunicorn when it is not daemonized; any signal ends its wait)."""
+    if process(record) is not None and record.pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record.pid, signal.SIGWINCH)
+
+
+def wait_converged(record: ServiceRecord, generation: int, timeout: float) -> dict[str, Any]:
+    """Block until the workers serve desired-state `generation`; return it. Raise
+    ModelLoadError if the master rejected that version (a worker could not load or score it),
+    ModelServerError if the server died, or nothing converged within `timeout`."""
+    runtime = Path(str(record.runtime_dir))
+    deadline = time.monotonic() + timeout
+    target = str((ds.read_desired(runtime) or {}).get("model_version"))
+    old = {pid for pid, version, _ in observe_workers(record) if version != target}
+    while True:
+        want = ds.read_desired(runtime) or {}
+        if want.get("generation") != generation:
+            rejected = want.get("rejected") or {}
+            if want.get("generation") == generation + 1 and rejected:
+                raise ModelLoadError(
+                    record.model_name, str(rejected["model_version"]),
+                    log_tail(record.log_path, 80),
+                )  # fmt: skip
+            raise ModelServerError(
+                f"Serving {record.model_name} version {record.model_version}",
+                f"the desired state changed under this deploy (now generation "
+                f"{want.get('generation')}, version {want.get('model_version')})",
+            )
+        if process(record) is None:
+            raise ModelServerError(
+                f"Serving {record.model_name} version {want.get('model_version')}",
+                f"the server process (PID {record.pid}) exited",
+                log_tail(record.log_path),
+            )
+        if converged(observe_workers(record), want) and healthy(record):
+            return want
+        _pause_on_progress(record, runtime, want, old)
+        if time.monotonic() > deadline:
+            raise ModelServerError(
+                f"Serving {record.model_name} version {want.get('model_version')} at "
+                f"{record.prediction_url}",
+                f"the workers did not all serve that version within {timeout:.0f} s",
+                log_tail(record.log_path),
+                "Raise the deployer's deploy_timeout if the model is slow to load.",
+            )
+        time.sleep(0.05)
+
+
+def _pause_on_progress(
+    record: ServiceRecord, runtime: Path, want: dict[str, Any], old: set[int]
+) -> None:
+    """Tests only (`CTCD_TEST_PAUSE`): stop this deploy once a new worker has announced the
+    desired version, or once one of the old workers was told to leave (or is gone)."""
+    if not os.environ.get(ds.PAUSE_ENV):
+        return
+    seen = observe_workers(record)
+    live = {pid for pid, _, _ in seen}
+    if old - live or any(leaving for pid, _, leaving in seen if pid in old):
+        ds.pause_point("worker-leaving", runtime)
+    if any(pid not in old and v == str(want["model_version"]) for pid, v, _ in seen):
+        ds.pause_point("worker-announced", runtime)
+
+
+def sweep_orphans(record: ServiceRecord, timeout: float) -> None:
+    """End workers a killed master left behind (they would hold the port): processes in the
+    master's process group working in this server's runtime folder. Their PDEATHSIG makes
+    them drain and leave on their own; this waits for that, then kills what is left."""
+    if record.pid is None or process(record) is not None:
+        return
+    runtime = os.path.realpath(str(record.runtime_dir))
+    left = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == record.pid and proc.cwd() == runtime:
+                left.append(proc)
+    for proc in left:
         with contextlib.suppress(psutil.Error):
-            retiring.wait(timeout)
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def terminate(record: ServiceRecord, timeout: float) -> None:

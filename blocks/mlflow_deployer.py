@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
-import json
 import shutil
 import tempfile
 import time
@@ -20,9 +20,34 @@ from blocks import local_process as lp
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.service import ServiceRecord, ServiceState
 from ctcd.exceptions import ModelLoadError, ModelServerError
+from ctcd.serving import desired as ds
 from ctcd.settings import ctcd_home
 
 KEEP_MODEL_COPIES = 3
+_OBSERVED_FIELDS = {"status", "status_message", "live_workers", "worker_versions"}
+_DESIRED_FIELDS = ("model_version", "model_uri", "run_id", "flow_run_id")
+
+
+def _state(
+    record: ServiceRecord, want: dict[str, object], seen: list[tuple[int, str | None, bool]]
+) -> dict[str, object]:
+    """Status and message of a running server: `active` once exactly the recorded number of
+    workers all serve the recorded version and it answers /health; `pending`, saying why, else."""
+    version, count = want.get("model_version"), want.get("workers", record.workers)
+    if lp.converged(seen, want):
+        if lp.healthy(record):
+            message = f"serving version {version} on {count} worker(s)"
+            return {"status": ServiceState.ACTIVE, "status_message": message}
+        return {"status": ServiceState.PENDING, "status_message": "not answering /health yet"}
+    workers = ", ".join(
+        f"{pid} " + ("loading" if v is None else f"serves {v}") + (" (leaving)" if leaving else "")
+        for pid, v, leaving in seen
+    )
+    message = (
+        f"converging on the recorded state (version {version} on {count} worker(s)); "
+        f"{len(seen)} running: {workers or 'none yet'}"
+    )
+    return {"status": ServiceState.PENDING, "status_message": message}
 
 
 class MLflowModelDeployer(BaseModelDeployer):
@@ -93,25 +118,42 @@ class MLflowModelDeployer(BaseModelDeployer):
         return records
 
     def _observe(self, record: ServiceRecord) -> ServiceRecord:
+        """The record as it is now: model fields from the desired state (written first by a
+        deploy), status, live workers and their versions from the processes themselves."""
+        want = ds.read_desired(Path(str(record.runtime_dir))) or {}
+        update: dict[str, object] = {
+            key: want[key] for key in _DESIRED_FIELDS if want.get(key) is not None
+        }
+        rejected = want.get("rejected")
+        if rejected and record.last_error is None:
+            update["last_error"] = (
+                f"version {rejected['model_version']} was not swapped in: {rejected['reason']}"
+            )
         if lp.process(record) is None:
-            if record.desired_state == ServiceState.INACTIVE:
-                state, message = ServiceState.INACTIVE, "stopped"
-            else:
-                last = lp.log_tail(record.log_path, 1)
-                state = ServiceState.ERROR
-                message = (
-                    f"server process {record.pid} is not running (exited or killed); "
-                    f"`ctcd models start {record.uuid[:8]}` restarts it. Last log line: {last}"
-                )
-        elif lp.healthy(record):
-            state, message = ServiceState.ACTIVE, f"serving version {record.model_version}"
+            update |= self._down(record)
         else:
-            state, message = ServiceState.PENDING, "process running, not answering /health yet"
-        return record.model_copy(update={"status": state, "status_message": message})
+            seen = lp.observe_workers(record)
+            update["live_workers"] = len(seen)
+            update["worker_versions"] = {
+                str(pid): (version or "loading") + (" (leaving)" if leaving else "")
+                for pid, version, leaving in seen
+            }
+            update |= _state(record, want, seen)
+        return record.model_copy(update=update)
+
+    def _down(self, record: ServiceRecord) -> dict[str, object]:
+        if record.desired_state == ServiceState.INACTIVE:
+            return {"status": ServiceState.INACTIVE, "status_message": "stopped"}
+        last = lp.log_tail(record.log_path, 1)
+        message = (
+            f"server process {record.pid} is not running (exited or killed); "
+            f"`ctcd models start {record.uuid[:8]}` restarts it. Last log line: {last}"
+        )
+        return {"status": ServiceState.ERROR, "status_message": message, "live_workers": 0}
 
     def _write_record(self, record: ServiceRecord, **changes: object) -> ServiceRecord:
         record = record.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
-        data = record.model_dump(mode="json", exclude={"status", "status_message"})
+        data = record.model_dump(mode="json", exclude=_OBSERVED_FIELDS)
         lp.write_json(Path(str(record.runtime_dir)) / "service.json", data)
         return self._observe(record)
 
@@ -131,17 +173,13 @@ class MLflowModelDeployer(BaseModelDeployer):
                 Path(path).rename(dest)
         return dest
 
-    def _point(self, runtime: Path, config: DeploymentConfig, uuid: str, model: Path) -> None:
-        lp.write_json(
-            runtime / "current.json",
-            {
-                "uuid": uuid,
-                "model_name": config.model_name,
-                "model_version": config.model_version,
-                "model_uri": config.model_uri,
-                "model_path": str(model),
-            },
-        )
+    def _desire(self, runtime: Path, config: DeploymentConfig, uuid: str, workers: int) -> int:
+        """Write the desired state (durably, before anything else changes); its generation."""
+        model = {**config.model_dump(), "uuid": uuid, "model_path": str(runtime / "models" /
+                 config.model_version)}  # fmt: skip
+        generation = ds.set_desired(runtime, model, workers)
+        assert generation is not None  # unconditional writes always happen
+        return generation
 
     def _create(self, config: DeploymentConfig, timeout: float | None) -> ServiceRecord:
         timeout = timeout or self.deploy_timeout
@@ -168,9 +206,9 @@ class MLflowModelDeployer(BaseModelDeployer):
             runtime_dir=str(runtime),
             history=[config.model_version],
         )
-        self._point(runtime, config, uuid, model)
+        generation = self._desire(runtime, config, uuid, self.workers)
         try:
-            record = self._launch(record, timeout)
+            record = self._launch(record, generation, timeout)
             ok, output = lp.probe_live(record, model)
         except ModelServerError as err:
             ok, output = False, str(err)
@@ -183,7 +221,8 @@ class MLflowModelDeployer(BaseModelDeployer):
             )  # fmt: skip
         return record
 
-    def _launch(self, record: ServiceRecord, timeout: float) -> ServiceRecord:
+    def _launch(self, record: ServiceRecord, generation: int, timeout: float) -> ServiceRecord:
+        lp.sweep_orphans(record, self.stop_timeout)
         if lp.port_in_use(record.host, record.port):
             error = (
                 f"port {record.port} on {record.host} is taken by another process; free it, "
@@ -196,7 +235,7 @@ class MLflowModelDeployer(BaseModelDeployer):
             record, pid=pid, pid_started_at=started, desired_state=ServiceState.ACTIVE
         )
         try:
-            lp.wait_serving(record, record.model_version, timeout)
+            lp.wait_converged(record, generation, timeout)
         except ModelServerError as err:
             self._write_record(record, last_error=str(err))
             raise
@@ -205,25 +244,48 @@ class MLflowModelDeployer(BaseModelDeployer):
     def _update(
         self, record: ServiceRecord, config: DeploymentConfig, timeout: float | None
     ) -> ServiceRecord:
+        """Write the desired state first, then let the server's master converge on it
+        (`ctcd.serving.master`) and wait. Killing this process at any point leaves the
+        server converging on the desired state by itself."""
         timeout = timeout or self.deploy_timeout
         runtime = Path(str(record.runtime_dir))
-        model = self._stage(runtime, config)
-        previous = json.loads((runtime / "current.json").read_text())
-        lp.write_json(runtime / "previous.json", previous)
-        self._point(runtime, config, record.uuid, model)
+        self._stage(runtime, config)
+        generation = self._desire(runtime, config, record.uuid, record.workers)
+        ds.pause_point("desired-written", runtime)
         history = [*record.history, config.model_version][-20:]
-        updated = record.model_copy(update={**config.model_dump(), "history": history})
+        updated = self._write_record(
+            record.model_copy(update={**config.model_dump(), "history": history}),
+            desired_state=ServiceState.ACTIVE,
+        )
         if lp.process(record) is None:
-            return self._launch(updated, timeout)
+            return self._launch(updated, generation, timeout)
+        lp.wake(record)
         try:
-            lp.rolling_swap(record, runtime, config.model_version, timeout)
-        except ModelServerError as err:
-            lp.write_json(runtime / "current.json", previous)
-            lp.trim_workers(record, record.workers)
+            lp.wait_converged(updated, generation, timeout)
+        except ModelLoadError as err:  # the master set the desired state back to the stable one
             self._write_record(record, last_error=str(err))
+            with contextlib.suppress(ModelServerError):  # it retires the extra worker
+                lp.wait_converged(record, generation + 1, self.stop_timeout)
             raise
-        self._prune(runtime, keep={config.model_version, str(previous["model_version"])})
-        return self._write_record(updated, last_error=None, desired_state=ServiceState.ACTIVE)
+        except ModelServerError as err:
+            reverted = self._undo(record, config.model_version, generation, str(err))
+            self._write_record(record if reverted else updated, last_error=str(err))
+            raise
+        stable = ds.read_json(runtime / ds.STABLE) or {}
+        self._prune(runtime, keep={config.model_version, str(stable.get("model_version"))})
+        return self._write_record(updated, last_error=None)
+
+    def _undo(self, record: ServiceRecord, version: str, generation: int, error: str) -> bool:
+        """After a timeout, ask a live server to go back to the version all its workers served
+        last (True if it was asked); a dead one keeps the desired version (`start` serves it)."""
+        runtime = Path(str(record.runtime_dir))
+        stable = ds.read_json(runtime / ds.STABLE)
+        if stable is None or lp.process(record) is None:
+            return False
+        rejected = {"model_version": version, "reason": error.splitlines()[0]}
+        written = ds.set_desired(runtime, stable, record.workers, generation, rejected)
+        lp.wake(record)
+        return written is not None
 
     def _prune(self, runtime: Path, keep: set[str]) -> None:
         copies = sorted((runtime / "models").iterdir(), key=lambda p: p.stat().st_mtime)
@@ -232,14 +294,26 @@ class MLflowModelDeployer(BaseModelDeployer):
                 shutil.rmtree(path, ignore_errors=True)
 
     def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
-        return self._launch(record, timeout or self.deploy_timeout)
+        """Start a stopped or dead server with its desired state; a running one that has not
+        converged (`pending`) is woken and waited for."""
+        timeout = timeout or self.deploy_timeout
+        runtime = Path(str(record.runtime_dir))
+        want = ds.read_desired(runtime) or {}
+        generation = int(want.get("generation", 0))
+        if lp.process(record) is None:
+            return self._launch(record, generation, timeout)
+        lp.wake(record)
+        lp.wait_converged(record, generation, timeout)
+        return self._write_record(record, desired_state=ServiceState.ACTIVE)
 
     def _stop(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
         lp.terminate(record, timeout or self.stop_timeout)
+        lp.sweep_orphans(record, timeout or self.stop_timeout)
         return self._write_record(record, desired_state=ServiceState.INACTIVE)
 
     def _delete(self, record: ServiceRecord, timeout: float | None) -> None:
         lp.terminate(record, timeout or self.stop_timeout)
+        lp.sweep_orphans(record, timeout or self.stop_timeout)
         shutil.rmtree(str(record.runtime_dir), ignore_errors=True)
 
     def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:

@@ -24,7 +24,8 @@ def _now() -> datetime:
 
 class ServiceRecord(BaseModel):
     """One model server. `desired_state` is what ctcd asked for; `status` is what was
-    observed when the record was read, with `status_message` saying why."""
+    observed when the record was read, with `status_message` saying why, and (for local
+    servers) `live_workers` and `worker_versions` what the workers themselves announced."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,6 +46,15 @@ class ServiceRecord(BaseModel):
     desired_state: ServiceState = ServiceState.ACTIVE
     status: ServiceState = ServiceState.PENDING
     status_message: str = ""
+    live_workers: int | None = Field(
+        default=None,
+        description="Observed: worker processes running now (None when not observed).",
+    )
+    worker_versions: dict[str, str] = Field(
+        default_factory=dict,
+        description="Observed: the model version each worker (by PID) announced it serves, "
+        "`loading` before it has, with `(leaving)` once told to leave.",
+    )
     last_error: str | None = None
     prediction_url: str
     health_url: str

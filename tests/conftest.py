@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import skops.io
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ctcd-tests-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -120,7 +121,9 @@ SERVED_MODEL = "served-model"
 
 @pytest.fixture(scope="session")
 def versions(small_table) -> dict[str, DeploymentConfig]:
-    """v1 linear, v2 random forest, v3 a random forest whose saved file is corrupt."""
+    """v1 linear, v2 random forest, v3 a random forest whose saved file is corrupt (fails to
+    load), v4 a linear model that loads but fails to score any input (its coefficients were
+    cut to 3 after training, as a bad export would)."""
     data = clean_data.fn(Dataset(frame=small_table, source="s.csv", sha256="00" * 32))
     experiment = configure_mlflow(SERVED_MODEL)
     configs = {}
@@ -128,6 +131,7 @@ def versions(small_table) -> dict[str, DeploymentConfig]:
         ("good", "linear", None),
         ("better", "random_forest", {"n_estimators": 5}),
         ("broken", "random_forest", {"n_estimators": 5}),
+        ("unscorable", "linear", None),
     ]:
         model = train_model.fn(data, kind, params)
         metrics = evaluate_model.fn(model, data)
@@ -150,9 +154,16 @@ def versions(small_table) -> dict[str, DeploymentConfig]:
             step_name="s",
             run_id=reg.run_id,
         )
-    client = mlflow.MlflowClient()
-    source = client.get_model_version(SERVED_MODEL, configs["broken"].model_version).source
-    model_id = source.removeprefix("models:/")
-    location = mlflow.get_logged_model(model_id).artifact_location
-    (Path(location.removeprefix("file://")) / "model.skops").write_bytes(b"not a model")
+    _model_file(configs["broken"]).write_bytes(b"not a model")
+    unscorable = _model_file(configs["unscorable"])
+    pipeline = skops.io.load(unscorable, trusted=skops.io.get_untrusted_types(file=unscorable))
+    pipeline.steps[-1][1].coef_ = pipeline.steps[-1][1].coef_[:3]
+    skops.io.dump(pipeline, unscorable)
     return configs
+
+
+def _model_file(config: DeploymentConfig) -> Path:
+    """The saved model file of a registered version, in MLflow's artifact store."""
+    source = mlflow.MlflowClient().get_model_version(SERVED_MODEL, config.model_version).source
+    location = mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location
+    return Path(location.removeprefix("file://")) / "model.skops"

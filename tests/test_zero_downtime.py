@@ -1,5 +1,7 @@
 """Swapping model versions under load, on real gunicorn servers: no request may fail
-after the one retry a keep-alive HTTP client makes on a reset connection."""
+after the one retry a keep-alive HTTP client makes on a reset connection, and none may wait
+for a model to load (each new worker takes `LOAD_DELAY_S` longer to load here, so a request
+sent to a loading worker would be that slow)."""
 
 from __future__ import annotations
 
@@ -12,14 +14,30 @@ from blocks import local_process as lp
 from ctcd.exceptions import ModelLoadError
 from ctcd.serving.loadgen import Load
 
+LOAD_DELAY_S = 3.0
+
+
+@pytest.fixture
+def slow_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTCD_TEST_LOAD_DELAY_S", str(LOAD_DELAY_S))
+
 
 def _example(record) -> bytes:
     folder = Path(record.runtime_dir, "models", record.model_version)
     return (folder / "serving_input_example.json").read_bytes()
 
 
+def _assert_no_request_failed_or_waited(load: Load, minimum: int) -> None:
+    stats = load.stats
+    assert stats.requests > minimum, "the load generator barely ran"
+    assert stats.failed == 0, (stats.errors, stats.resets)
+    assert stats.longest < LOAD_DELAY_S * 0.66, (
+        f"a request took {stats.longest:.2f} s: it waited for a model to load"
+    )
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_redeploys_under_load_fail_no_request(versions, ctcd_home, workers):
+def test_redeploys_under_load_fail_no_request(versions, ctcd_home, slow_loads, workers):
     deployer = MLflowModelDeployer(workers=workers)
     record = deployer.deploy_model(versions["good"])
     pids_before = {p.pid for p in lp.workers(record)}
@@ -29,20 +47,38 @@ def test_redeploys_under_load_fail_no_request(versions, ctcd_home, workers):
             assert lp.served_version(updated) == versions[label].model_version
             assert {p.pid for p in lp.workers(updated)}.isdisjoint(pids_before)
             pids_before = {p.pid for p in lp.workers(updated)}
-    stats = load.stats
-    assert stats.requests > 100, "the load generator barely ran"
-    assert stats.failed == 0, (stats.errors, stats.resets)
+    _assert_no_request_failed_or_waited(load, 100)
     assert len(lp.workers(updated)) == workers and updated.pid == record.pid
+    assert updated.live_workers == workers and updated.status.value == "active"
 
 
-def test_broken_version_under_load_fails_no_request(versions, ctcd_home):
+@pytest.mark.parametrize("label", ["broken", "unscorable"])
+def test_version_that_cannot_serve_under_load_fails_no_request(versions, ctcd_home, label):
+    """`broken` fails to load; `unscorable` loads but fails to score its input example."""
     deployer = MLflowModelDeployer(workers=2)
     record = deployer.deploy_model(versions["good"])
     with (
         Load(record.prediction_url, _example(record), clients=2) as load,
-        pytest.raises(ModelLoadError),
+        pytest.raises(ModelLoadError, match="failed to load or to score its input example"),
     ):
-        deployer.deploy_model(versions["broken"])
-    assert load.stats.failed == 0 and load.stats.requests > 20
+        deployer.deploy_model(versions[label])
+    _assert_no_request_failed_or_waited(load, 20)
     assert lp.served_version(record) == versions["good"].model_version
-    assert len(lp.workers(record)) == 2
+    [after] = deployer.find_model_server()
+    assert after.status.value == "active", after.status_message
+    assert after.model_version == versions["good"].model_version
+    assert after.live_workers == 2
+    assert set(after.worker_versions.values()) == {versions["good"].model_version}
+    assert f"version {versions[label].model_version}" in str(after.last_error)
+
+
+def test_rollback_under_load_fails_no_request(versions, ctcd_home, slow_loads):
+    deployer = MLflowModelDeployer(workers=2)
+    record = deployer.deploy_model(versions["good"])
+    deployer.deploy_model(versions["better"])
+    with Load(record.prediction_url, _example(record), clients=4) as load:
+        rolled = deployer.rollback_model_server(record.uuid)
+    _assert_no_request_failed_or_waited(load, 50)
+    assert rolled.model_version == versions["good"].model_version
+    assert set(rolled.worker_versions.values()) == {versions["good"].model_version}
+    assert lp.served_version(rolled) == versions["good"].model_version

@@ -1,20 +1,23 @@
-"""The ASGI app each gunicorn worker imports: MLflow's scoring server for the current model.
+"""The ASGI app each gunicorn worker imports: MLflow's scoring server for the desired model.
 
 Speaks MLflow's scoring protocol (`/invocations`, `/ping`, `/health`, `/version`) and adds
 `/metadata`: which model name, version and URI this worker serves.
 
 A worker loads the model `current.json` names and scores its input example before it accepts
-a connection. If that fails it serves the one `previous.json` names instead (and says so in
-the log), so a bad model never takes traffic and never makes a worker fail to boot (gunicorn's
-master would stop). Once loaded, it announces itself and its version in `workers/<pid>.json`;
-the deployer's rolling swap waits for that before it retires an old worker.
+a connection. If that fails it serves the one `stable.json` names instead (and says so in the
+log), so a bad model never takes traffic and never makes a worker fail to boot (gunicorn's
+master would stop). Once loaded, it announces itself in `workers/<pid>.json`: the version it
+serves, the generation of `current.json` it read, and whether it fell back. The master
+(`ctcd.serving.master`) retires an old worker only after a new one has announced itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,13 @@ import pandas as pd
 from fastapi.responses import JSONResponse
 from mlflow.pyfunc import PyFuncModel, load_model, scoring_server
 
+from ctcd.serving import desired as ds
 from ctcd.serving.limits import RequestGuard
 
 SERVICE_DIR = Path(os.environ["CTCD_SERVICE_DIR"])
+# Tests only: seconds a worker spends "loading" on top of the real load, so that a request
+# routed to a loading worker would show in the longest request time.
+_TEST_LOAD_DELAY = float(os.environ.get("CTCD_TEST_LOAD_DELAY_S", "0"))
 
 
 def _load_checked(path: str) -> PyFuncModel:
@@ -35,16 +42,21 @@ def _load_checked(path: str) -> PyFuncModel:
     example = loaded.input_example
     if example is not None:
         loaded.predict(example if isinstance(example, pd.DataFrame) else pd.DataFrame(example))
+    time.sleep(_TEST_LOAD_DELAY)
     return loaded
 
 
-def _load() -> tuple[dict[str, Any], PyFuncModel]:
-    current = json.loads((SERVICE_DIR / "current.json").read_text())
+def _load() -> tuple[dict[str, Any], PyFuncModel, dict[str, Any]]:
+    """(what it serves, the model, its announcement)"""
+    current = ds.read_desired(SERVICE_DIR)
+    if current is None:
+        raise RuntimeError(f"{SERVICE_DIR / ds.CURRENT} is missing or unreadable")
+    said = {"pid": os.getpid(), "generation": current.get("generation"), "fallback": False}
     try:
-        return current, _load_checked(current["model_path"])
-    except Exception:
-        previous = SERVICE_DIR / "previous.json"
-        if not previous.exists():
+        return current, _load_checked(current["model_path"]), said
+    except Exception as err:
+        stable = ds.read_json(SERVICE_DIR / ds.STABLE)
+        if stable is None:
             raise
         print(
             f"[ctcd] worker {os.getpid()}: version {current['model_version']} failed to load "
@@ -52,20 +64,23 @@ def _load() -> tuple[dict[str, Any], PyFuncModel]:
             file=sys.stderr,
         )
         traceback.print_exc()
-        fallback = json.loads(previous.read_text())
-        return fallback, _load_checked(fallback["model_path"])
+        said |= {"fallback": True, "error": f"{type(err).__name__}: {err}"[:500]}
+        return stable, _load_checked(stable["model_path"]), said
 
 
-def _announce(serving: dict[str, Any]) -> None:
-    folder = SERVICE_DIR / "workers"
+def _announce(serving: dict[str, Any], said: dict[str, Any]) -> None:
+    folder = SERVICE_DIR / ds.WORKERS
     folder.mkdir(exist_ok=True)
     path = folder / f"{os.getpid()}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "model_version": serving["model_version"]}))
+    tmp.write_text(json.dumps(said | {"model_version": serving["model_version"]}))
     tmp.replace(path)
+    master = int(os.environ.get("CTCD_MASTER_PID", "0"))
+    if master and os.getppid() == master:  # wake the master: it acts on announcements
+        os.kill(master, signal.SIGWINCH)
 
 
-SERVING, model = _load()
+SERVING, model, _SAID = _load()
 app = scoring_server.init(model)
 app.add_middleware(RequestGuard)
 
@@ -76,4 +91,4 @@ async def metadata() -> JSONResponse:
     return JSONResponse({key: SERVING[key] for key in keys} | {"worker_pid": os.getpid()})
 
 
-_announce(SERVING)
+_announce(SERVING, _SAID)

@@ -3,11 +3,13 @@
 Each client sends the same body over one keep-alive connection, back to back, and retries a
 request once when the connection is reset or closed under it (as HTTP clients do for a
 keep-alive connection the server closed). It counts those resets, the requests that still
-failed after the retry, and every request's latency (retry included).
+failed after the retry, and every request's latency (retry included). A request succeeds only
+when it is answered 200 with a JSON body whose `predictions` has one entry per row sent.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
@@ -35,11 +37,34 @@ class LoadStats:
         return statistics.quantiles(self.latencies, n=100)[int(q) - 1]
 
 
+def rows_in(body: bytes) -> int:
+    """How many rows a scoring-protocol JSON body carries (so how many predictions to expect)."""
+    data = json.loads(body)
+    if "dataframe_split" in data:
+        return len(data["dataframe_split"]["data"])
+    for key in ("dataframe_records", "instances", "inputs"):
+        if key in data:
+            return len(data[key])
+    raise ValueError(f"not a scoring-protocol body: keys {sorted(data)}")
+
+
+def _predictions_ok(response: httpx.Response, rows: int) -> str:
+    """'' for a real answer, else what was wrong with it."""
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}"
+    try:
+        predictions = response.json()["predictions"]
+    except (ValueError, KeyError, TypeError):
+        return "200 without predictions"
+    return "" if len(predictions) == rows else f"200 with {len(predictions)} predictions"
+
+
 class Load:
     """`with Load(url, body, clients=4) as load: ...` then read `load.stats`."""
 
     def __init__(self, url: str, body: bytes, clients: int = 1):
         self.url, self.body, self.clients = url, body, clients
+        self.rows = rows_in(body)
         self.stats = LoadStats()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -64,8 +89,8 @@ class Load:
                 if attempt == 2:
                     return False, True, type(err).__name__
                 continue
-            ok = response.status_code == 200
-            return ok, attempt == 2, "" if ok else f"HTTP {response.status_code}"
+            error = _predictions_ok(response, self.rows)
+            return not error, attempt == 2, error
         return False, True, "unreachable"
 
     def _run(self) -> None:
