@@ -28,7 +28,7 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _deployer(name: str | None):  # type: ignore[no-untyped-def]
-    from deployments.lookup import load_deployer
+    from blocks.lookup import load_deployer
 
     return load_deployer(name)
 
