@@ -172,10 +172,12 @@ class SeldonModelDeployer(BaseModelDeployer):
                 if await api.create(body) is None:
                     return None  # another deploy created it first: update that one
                 try:
-                    sdep = await api.wait_ready(name, uri, timeout or self.deploy_timeout)
+                    sdep = await api.wait_ready(
+                        name, uri, self.replicas, timeout or self.deploy_timeout
+                    )
                 except SeldonFailed:
                     await api.delete(name)
-                    await self._drop_secret(api)
+                    await self._drop_secret(api, name)
                     raise
                 return sm.read_record(sdep)
 
@@ -212,12 +214,15 @@ class SeldonModelDeployer(BaseModelDeployer):
             sdep["spec"]["protocol"] = self.protocol
             sdep["metadata"]["annotations"][sm.RECORD_ANNOTATION] = sm.record_annotation(updated)
 
-        return self._change_and_wait(name, uri, mutate, timeout, restore_on_failure=True)
+        return self._change_and_wait(
+            name, uri, self.replicas, mutate, timeout, restore_on_failure=True
+        )
 
     def _change_and_wait(
         self,
         name: str,
         uri: str,
+        replicas: int,
         mutate: Any,
         timeout: float | None,
         restore_on_failure: bool = False,
@@ -227,7 +232,7 @@ class SeldonModelDeployer(BaseModelDeployer):
                 await self._put_secret(api)
                 before, _ = await api.change(name, mutate)
                 try:
-                    return await api.wait_ready(name, uri, timeout or self.deploy_timeout)
+                    return await api.wait_ready(name, uri, replicas, timeout or self.deploy_timeout)
                 except SeldonFailed as err:
                     if restore_on_failure:
                         await api.change(name, _restore(before, str(err)))
@@ -258,7 +263,8 @@ class SeldonModelDeployer(BaseModelDeployer):
                 raise ModelServerError(f"Scaling {record.resource_name}", "it was deleted")
             return str(sdep["spec"]["predictors"][0]["graph"]["modelUri"])
 
-        return self._change_and_wait(str(record.resource_name), _run(uri()), mutate, timeout)
+        name = str(record.resource_name)
+        return self._change_and_wait(name, _run(uri()), replicas, mutate, timeout)
 
     def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
         return self._scale(record, record.workers, timeout)
@@ -270,7 +276,7 @@ class SeldonModelDeployer(BaseModelDeployer):
         async def run() -> None:
             async with self._api() as api:
                 await api.delete(str(record.resource_name))
-                await self._drop_secret(api)
+                await self._drop_secret(api, str(record.resource_name))
 
         _run(run())
 
@@ -279,9 +285,9 @@ class SeldonModelDeployer(BaseModelDeployer):
             secret = self.object_store.kubernetes_secret(self.secret_name, api.namespace)
             await api.put_secret(secret)
 
-    async def _drop_secret(self, api: Session) -> None:
+    async def _drop_secret(self, api: Session, deleted: str) -> None:
         if self.object_store is not None:
-            await api.delete_secret_if_unused(self.secret_name)
+            await api.delete_secret_if_unused(self.secret_name, deleted)
 
     def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:
         async def run() -> list[str]:

@@ -127,7 +127,9 @@ class Session:
         )
         return [self.plain(item) for item in found.items]
 
-    async def wait_ready(self, name: str, model_uri: str, timeout: float) -> dict[str, Any]:
+    async def wait_ready(
+        self, name: str, model_uri: str, replicas: int, timeout: float
+    ) -> dict[str, Any]:
         """Poll until `readiness` holds; raise on `Failed` or when `timeout` passes."""
         deadline = time.monotonic() + timeout
         seen = "nothing yet"
@@ -135,7 +137,8 @@ class Session:
             sdep = await self.get(name)
             if sdep is None:
                 raise ModelServerError(f"Waiting for SeldonDeployment {name}", "it was deleted")
-            ready, seen = readiness(sdep, await self.predictor_deployments(name), model_uri)
+            found = await self.predictor_deployments(name)
+            ready, seen = readiness(sdep, found, model_uri, replicas)
             if ready:
                 return sdep
             status = sdep.get("status") or {}
@@ -169,9 +172,13 @@ class Session:
                 f"HTTP {err.status} {err.reason}",
             ) from None
 
-    async def delete_secret_if_unused(self, secret: str) -> bool:
-        """Delete the Secret unless a SeldonDeployment in the namespace still names it."""
+    async def delete_secret_if_unused(self, secret: str, deleted: str = "") -> bool:
+        """Delete the Secret unless a SeldonDeployment in the namespace still names it (one
+        being deleted, or `deleted`, does not count)."""
         for sdep in await self.find(selector=""):
+            meta = sdep["metadata"]
+            if meta["name"] == deleted or meta.get("deletionTimestamp"):
+                continue
             for pred in sdep.get("spec", {}).get("predictors", []):
                 if pred.get("graph", {}).get("envSecretRefName") == secret:
                     return False

@@ -188,10 +188,11 @@ def rolled_out(deployment: dict[str, Any]) -> bool:
 
 
 def readiness(
-    sdep: dict[str, Any], deployments: list[dict[str, Any]], model_uri: str
+    sdep: dict[str, Any], deployments: list[dict[str, Any]], model_uri: str, replicas: int
 ) -> tuple[bool, str]:
     """(ready, what was seen): ready once every predictor Deployment the operator owns for
-    this resource carries `model_uri` and has rolled out, and the operator says Available."""
+    this resource carries `model_uri` and `replicas` (so the operator has acted on the latest
+    spec) and has rolled out, and the operator says Available."""
     uid = sdep["metadata"]["uid"]
     owned = [
         d
@@ -210,11 +211,14 @@ def readiness(
             f"Deployment {d['metadata']['name']}: "
             + ("new model" if carries(d, model_uri) else "still the previous model")
             + f", {st.get('updatedReplicas', 0)} updated / {st.get('availableReplicas', 0)} "
-            f"available of {d['spec'].get('replicas', 1)}"
+            f"available of {d['spec'].get('replicas', 1)} (want {replicas})"
         )
     ready = (
         bool(owned)
-        and all(carries(d, model_uri) and rolled_out(d) for d in owned)
+        and all(
+            carries(d, model_uri) and d["spec"].get("replicas", 1) == replicas and rolled_out(d)
+            for d in owned
+        )
         and status.get("state") == "Available"
     )
     return ready, "; ".join(seen)

@@ -64,6 +64,42 @@ class MLFlowServer:
 """
 
 
+# seldon-core-microservice binds 0.0.0.0 with no option to change it; tests bind loopback only.
+# So the stand-in starts it through this launcher, which rewrites the wildcard address of every
+# bind (Python sockets: gunicorn, the gRPC port reservation; and gRPC's own server) to 127.0.0.1.
+LOOPBACK_LAUNCHER = """
+import socket
+import sys
+
+_bind = socket.socket.bind
+
+
+def _loopback(self, address):
+    if isinstance(address, tuple) and address[0] in ("", "0.0.0.0", "::"):
+        address = ("::1" if self.family == socket.AF_INET6 else "127.0.0.1", *address[1:])
+    return _bind(self, address)
+
+
+socket.socket.bind = _loopback
+
+import grpc._server  # noqa: E402
+
+_add = grpc._server._Server.add_insecure_port
+
+
+def _add_loopback(self, address):
+    return _add(self, address.replace("0.0.0.0", "127.0.0.1"))
+
+
+grpc._server._Server.add_insecure_port = _add_loopback
+
+from seldon_core.microservice import main  # noqa: E402
+
+sys.argv[0] = "seldon-core-microservice"
+sys.exit(main())
+"""
+
+
 @dataclass
 class Server:
     proc: subprocess.Popen[bytes]
@@ -189,6 +225,7 @@ class StandInSeldonOperator:
 
     def _serve(self, name: str, folder: Path, model_uri: str) -> str:
         (folder / "MLFlowServer.py").write_text(MLFLOW_SERVER_CLASS)
+        (folder / "launch.py").write_text(LOOPBACK_LAUNCHER)
         http, grpc, metrics = loopback_port(), loopback_port(), loopback_port()
         params = [{"name": "model_uri", "value": str(folder / "models"), "type": "STRING"}]
         env = {
@@ -199,7 +236,7 @@ class StandInSeldonOperator:
         log = folder / "server.log"
         proc = start_logged(
             [
-                str(self.venv / "bin" / "seldon-core-microservice"), "MLFlowServer",
+                str(self.venv / "bin" / "python"), "launch.py", "MLFlowServer",
                 "--service-type", "MODEL", "--http-port", str(http), "--grpc-port", str(grpc),
                 "--metrics-port", str(metrics), "--workers", "1",
             ],
@@ -338,10 +375,14 @@ class StandInIngress:
                     self.send_error(503, "no endpoints available for service")
                     return
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                answer = httpx.request(
-                    self.command, f"http://127.0.0.1:{port}/{parts[4]}", content=body,
-                    headers={"Content-Type": "application/json"}, timeout=30,
-                )  # fmt: skip
+                try:
+                    answer = httpx.request(
+                        self.command, f"http://127.0.0.1:{port}/{parts[4]}", content=body,
+                        headers={"Content-Type": "application/json"}, timeout=30,
+                    )  # fmt: skip
+                except httpx.HTTPError as err:
+                    self.send_error(502, f"upstream: {type(err).__name__}")
+                    return
                 self.send_response(answer.status_code)
                 self.send_header("Content-Type", answer.headers.get("content-type", "text/plain"))
                 self.send_header("Content-Length", str(len(answer.content)))
