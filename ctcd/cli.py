@@ -18,7 +18,11 @@ app.add_typer(models, name="models")
 console = Console(width=None if sys.stdout.isatty() else 200)
 DeployerOpt = Annotated[
     str | None,
-    typer.Option("--deployer", help="Saved deployer block; default: local MLflow deployer."),
+    typer.Option(
+        "--deployer",
+        help="Saved deployer block, e.g. `seldon-model-deployer/prod`; "
+        "default: the local MLflow deployer.",
+    ),
 ]
 
 
@@ -114,7 +118,7 @@ def delete(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
     deployer: DeployerOpt = None,
 ) -> None:
-    """Stop a server and delete its runtime folder (irreversible)."""
+    """Stop a server and delete it: its runtime folder, or its SeldonDeployment (irreversible)."""
     dep = _deployer(deployer)
     try:
         record = dep.get_model_server(uuid)

@@ -3,6 +3,9 @@
 from deployments.lookup import find_service
 service = find_service("customer-satisfaction")
 service.predict(frame)        # or POST to service.prediction_url
+
+`load_deployer` and `find_service` live in `blocks/lookup.py` (flows use them from there) and are
+re-exported here; `find_service_for_latest_run` asks Prefect's API, so it stays here.
 """
 
 from __future__ import annotations
