@@ -3,6 +3,7 @@
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.mlflow_deployer import MLflowModelDeployer
 from blocks.object_store import ObjectStoreCredentials, ObjectStoreKeys
+from blocks.seldon_deployer import SeldonModelDeployer
 from blocks.service import ServiceRecord, ServiceState
 from blocks.tracking import MLflowTracking
 from blocks.vault import VaultCredentials, VaultSecret
@@ -14,6 +15,7 @@ __all__ = [
     "MLflowTracking",
     "ObjectStoreCredentials",
     "ObjectStoreKeys",
+    "SeldonModelDeployer",
     "ServiceRecord",
     "ServiceState",
     "VaultCredentials",

@@ -43,6 +43,7 @@ class BaseModelDeployer(Block):
         self, config: DeploymentConfig, replace: bool = True, timeout: float | None = None
     ) -> ServiceRecord:
         """Serve `config`'s model version; return the record once it answers requests."""
+        self._check_deployable(config)
         with self._lock(config):
             existing = (
                 self.find_model_server(
@@ -148,6 +149,11 @@ class BaseModelDeployer(Block):
     def follow_logs(self, uuid: str) -> Iterator[str]:
         """Log lines as the server writes them, until interrupted."""
         return self._follow(self.get_model_server(uuid))
+
+    # Hooks each backend may override.
+    def _check_deployable(self, config: DeploymentConfig) -> None:
+        """Refuse a version this backend cannot serve, before anything is looked up or
+        created (the default accepts every version)."""
 
     # Hooks each backend implements.
     @abstractmethod

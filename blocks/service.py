@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pandas as pd
@@ -61,7 +62,15 @@ class ServiceRecord(BaseModel):
     log_path: str | None = None
     host: str
     port: int
-    workers: int = 1
+    workers: int = Field(default=1, description="Worker processes (local) or replicas (Seldon).")
+    protocol: Literal["mlflow", "seldon", "v2"] = Field(
+        default="mlflow",
+        description="What `prediction_url` speaks: MLflow scoring, Seldon v1 or V2.",
+    )
+    namespace: str | None = Field(default=None, description="Kubernetes namespace (Seldon).")
+    resource_name: str | None = Field(
+        default=None, description="The SeldonDeployment's name (Seldon)."
+    )
     pid: int | None = None
     pid_started_at: float | None = Field(default=None, description="Guards against PID reuse.")
     runtime_dir: str | None = None
@@ -77,10 +86,10 @@ class ServiceRecord(BaseModel):
         return self.model_dump(mode="json")
 
     def predict(self, data: pd.DataFrame, timeout: float = 30.0) -> list[Any]:
-        """Score a DataFrame over HTTP. Retries once on a reset connection, as HTTP
-        clients do when a keep-alive connection closes under them."""
-        body = '{"dataframe_split": ' + data.to_json(orient="split", index=False) + "}"
+        """Score a DataFrame over HTTP in the record's protocol. Retries once on a reset
+        connection, as HTTP clients do when a keep-alive connection closes under them."""
         headers = {"Content-Type": "application/json"}
+        body = request_body(data, self.protocol)
         for attempt in (1, 2):
             try:
                 response = httpx.post(
@@ -91,5 +100,36 @@ class ServiceRecord(BaseModel):
                 if attempt == 2:
                     raise
         response.raise_for_status()
-        predictions: list[Any] = response.json()["predictions"]
-        return predictions
+        return read_predictions(response.json(), self.protocol)
+
+
+def request_body(data: pd.DataFrame, protocol: str) -> str:
+    """The JSON body a server of `protocol` takes for the rows of `data` (NaN sent as null)."""
+    if protocol == "mlflow":
+        return '{"dataframe_split": ' + data.to_json(orient="split", index=False) + "}"
+    split = json.loads(data.to_json(orient="split", index=False))
+    if protocol == "seldon":
+        return json.dumps({"data": {"names": split["columns"], "ndarray": split["data"]}})
+    columns = [
+        {
+            "name": str(name),
+            "shape": [len(data)],
+            "datatype": "FP64" if data[name].dtype.kind == "f" else "INT64",
+            "data": [row[i] for row in split["data"]],
+        }
+        for i, name in enumerate(split["columns"])
+    ]
+    return json.dumps({"parameters": {"content_type": "pd"}, "inputs": columns})
+
+
+def read_predictions(answer: dict[str, Any], protocol: str) -> list[Any]:
+    """The predictions in a server's answer: MLflow's `predictions`, Seldon's
+    `data.ndarray` (or `data.tensor.values`), V2's first output's `data`."""
+    if protocol == "mlflow":
+        predictions: list[Any] = answer["predictions"]
+    elif protocol == "seldon":
+        data = answer["data"]
+        predictions = data["ndarray"] if "ndarray" in data else data["tensor"]["values"]
+    else:
+        predictions = answer["outputs"][0]["data"]
+    return predictions

@@ -23,7 +23,11 @@ app.add_typer(prefect_server, name="prefect-server")
 console = Console(width=None if sys.stdout.isatty() else 200)
 DeployerOpt = Annotated[
     str | None,
-    typer.Option("--deployer", help="Saved deployer block; default: local MLflow deployer."),
+    typer.Option(
+        "--deployer",
+        help="Saved deployer block, e.g. `seldon-model-deployer/prod`; "
+        "default: the local MLflow deployer.",
+    ),
 ]
 
 
@@ -33,7 +37,7 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _deployer(name: str | None):  # type: ignore[no-untyped-def]
-    from deployments.lookup import load_deployer
+    from blocks.lookup import load_deployer
 
     return load_deployer(name)
 
@@ -119,7 +123,7 @@ def delete(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
     deployer: DeployerOpt = None,
 ) -> None:
-    """Stop a server and delete its runtime folder (irreversible)."""
+    """Stop a server and delete it: its runtime folder, or its SeldonDeployment (irreversible)."""
     dep = _deployer(deployer)
     try:
         record = dep.get_model_server(uuid)

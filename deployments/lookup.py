@@ -3,50 +3,31 @@
 from deployments.lookup import find_service
 service = find_service("customer-satisfaction")
 service.predict(frame)        # or POST to service.prediction_url
+
+`load_deployer` and `find_service` live in `blocks/lookup.py` (flows use them from there) and are
+re-exported here; `find_service_for_latest_run` asks Prefect's API, so it stays here.
 """
 
 from __future__ import annotations
 
-from prefect.blocks.core import Block
-
 from blocks.deployer import BaseModelDeployer
-from blocks.mlflow_deployer import MLflowModelDeployer
+from blocks.lookup import (
+    DEFAULT_PIPELINE,
+    DEFAULT_STEP,
+    as_deployer,
+    find_service,
+    load_deployer,
+)
 from blocks.service import ServiceRecord
-from ctcd.exceptions import DeployerNotFoundError, ServiceNotFoundError
+from ctcd.exceptions import ServiceNotFoundError
 
-DEFAULT_PIPELINE = "continuous-deployment-pipeline"
-DEFAULT_STEP = "deploy_model"
-
-
-def load_deployer(name: str | None = None) -> BaseModelDeployer:
-    """The saved deployer block `name` ("block-type-slug/name" or a plain MLflow deployer
-    name); None gives the local MLflow deployer with defaults."""
-    if name is None:
-        return MLflowModelDeployer()
-    try:
-        block = Block.load(name) if "/" in name else MLflowModelDeployer.load(name)
-    except ValueError as err:
-        raise DeployerNotFoundError(name) from err
-    if not isinstance(block, BaseModelDeployer):
-        raise DeployerNotFoundError(name)
-    return block
-
-
-def find_service(
-    model_name: str,
-    pipeline_name: str | None = None,
-    step_name: str | None = None,
-    deployer: str | BaseModelDeployer | None = None,
-    running: bool = True,
-) -> ServiceRecord:
-    """The newest server for `model_name` (narrowed by pipeline and step when given)."""
-    found = _deployer(deployer).find_model_server(
-        pipeline_name=pipeline_name, step_name=step_name, model_name=model_name, running=running
-    )
-    if not found:
-        state = "running " if running else ""
-        raise ServiceNotFoundError(f"{state}model '{model_name}'")
-    return found[0]
+__all__ = [
+    "DEFAULT_PIPELINE",
+    "DEFAULT_STEP",
+    "find_service",
+    "find_service_for_latest_run",
+    "load_deployer",
+]
 
 
 def find_service_for_latest_run(
@@ -63,7 +44,7 @@ def find_service_for_latest_run(
 
     if (deployment is None) == (flow_name is None):
         raise ValueError("Pass exactly one of `deployment` or `flow_name`.")
-    by_run = {r.flow_run_id: r for r in _deployer(deployer).find_model_server() if r.flow_run_id}
+    by_run = {r.flow_run_id: r for r in as_deployer(deployer).find_model_server() if r.flow_run_id}
     completed = filters.FlowRunFilter(
         state=filters.FlowRunFilterState(
             type=filters.FlowRunFilterStateType(any_=[StateType.COMPLETED])
@@ -94,7 +75,3 @@ def find_service_for_latest_run(
             return by_run[str(run.id)]
     what = f"deployment '{deployment}'" if deployment else f"flow '{flow_name}'"
     raise ServiceNotFoundError(f"a completed run of {what} that deployed a model")
-
-
-def _deployer(deployer: str | BaseModelDeployer | None) -> BaseModelDeployer:
-    return deployer if isinstance(deployer, BaseModelDeployer) else load_deployer(deployer)

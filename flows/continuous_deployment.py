@@ -9,10 +9,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from blocks.deployer import DeploymentConfig
+from blocks.lookup import DEFAULT_PIPELINE, DEFAULT_STEP, load_deployer
 from blocks.service import ServiceRecord
 from blocks.tracking import use_tracking
 from ctcd.exceptions import DataError, ModelConfigError
-from deployments.lookup import DEFAULT_PIPELINE, DEFAULT_STEP, load_deployer
 from flows import ctcd_flow
 from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data
 from flows.gate import DeploymentCriteria, deployment_trigger, evaluate_champion

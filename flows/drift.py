@@ -126,7 +126,7 @@ def compute_drift(
 @task(cache_policy=NO_CACHE)
 def served_model_error(model_name: str, batch: Dataset, target: str) -> dict[str, float] | None:
     """The running server's error on the batch, when the batch has labels (else None)."""
-    from deployments.lookup import find_service
+    from blocks.lookup import find_service
 
     if target not in batch.frame or batch.frame[target].isna().all():
         return None

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from blocks.lookup import find_service
 from blocks.service import ServiceRecord
-from deployments.lookup import find_service
 from flows import ctcd_flow
 from flows.data import Dataset, feature_frame, ingest_data
 from flows.results import InferenceResult

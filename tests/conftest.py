@@ -62,7 +62,8 @@ def missing(why: str) -> None:
 @pytest.fixture(scope="session")
 def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One real kube-apiserver + etcd from KUBEBUILDER_ASSETS for the session (tests/kube.py);
-    each test module works in namespaces of its own. Skips, saying why, when that is unset."""
+    each test module works in namespaces of its own. Skips, saying why, when that is unset
+    (fails under CI=true)."""
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     if not assets:
         missing(

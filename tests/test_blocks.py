@@ -22,6 +22,7 @@ def test_every_block_is_covered() -> None:
         "MLflowModelDeployer",
         "MLflowTracking",
         "ObjectStoreCredentials",
+        "SeldonModelDeployer",
         "VaultCredentials",
     }
 

@@ -1,0 +1,347 @@
+"""`SeldonModelDeployer`: registered MLflow model versions served by Seldon Core v1."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Coroutine, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlparse
+
+from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect_kubernetes.credentials import KubernetesClusterConfig
+from pydantic import Field, HttpUrl
+
+from blocks import seldon_manifest as sm
+from blocks.deployer import BaseModelDeployer, DeploymentConfig
+from blocks.object_store import ObjectStoreCredentials
+from blocks.seldon_kube import SeldonFailed, Session, session
+from blocks.service import ServiceRecord, ServiceState
+from ctcd.exceptions import ModelServerError
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one API operation; connection and permission failures become clear errors."""
+    from aiohttp import ClientConnectionError
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    try:
+        result: T = run_coro_as_sync(coro)
+    except ClientConnectionError as err:
+        raise ModelServerError(
+            "Reaching the Kubernetes API", str(err),
+            hint="Check the deployer's `cluster_config` (or KUBECONFIG / the in-cluster config).",
+        ) from err  # fmt: skip
+    except ApiException as err:
+        if err.status not in (401, 403, 404):
+            raise
+        raise ModelServerError(
+            "Calling the Kubernetes API", f"HTTP {err.status} {err.reason}",
+            hint="404: is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace "
+            "there? 401/403: the credentials need get/list/create/update/delete on "
+            "seldondeployments and secrets, and list on deployments and pods (pods/log: get).",
+        ) from None  # fmt: skip
+    return result
+
+
+class SeldonModelDeployer(BaseModelDeployer):
+    """Serves MLflow model versions on a Kubernetes cluster running Seldon Core v1: one
+    `SeldonDeployment` per pipeline, step and model, patched in place for each new version
+    (same uuid and URL; Seldon rolls the pods). The cluster is the registry: labels find the
+    resources, an annotation on each holds its service record.
+
+    Models must be in an S3-compatible bucket (an MLflow server whose artifact root is the
+    bucket); `object_store` keys go only into a Kubernetes Secret that the storage
+    initializer reads (`envSecretRefName`).
+
+    Example:
+        ```python
+        from blocks import SeldonModelDeployer
+
+        deployer = SeldonModelDeployer.load("BLOCK_NAME")
+        ```
+    """
+
+    _block_type_name = "Seldon Model Deployer"
+    _block_type_slug = "seldon-model-deployer"
+    _description = "Serves registered MLflow model versions on Kubernetes with Seldon Core v1."
+    _documentation_url = HttpUrl("https://docs.seldon.ai/seldon-core-1")
+
+    cluster_config: KubernetesClusterConfig | None = Field(
+        default=None,
+        description="The cluster (a prefect-kubernetes block); none: in-cluster config, "
+        "else KUBECONFIG or ~/.kube/config.",
+    )
+    namespace: str = Field(default="default", description="Namespace for the model servers.")
+    base_url: str = Field(
+        description="The ingress (Istio or Ambassador) URL, e.g. `http://seldon.example.com`; "
+        "models answer at `{base_url}/seldon/{namespace}/{name}/...`."
+    )
+    implementation: Literal["MLFLOW_SERVER", "SKLEARN_SERVER"] = Field(
+        default="MLFLOW_SERVER", description="Seldon's prepackaged server for the model."
+    )
+    protocol: Literal["seldon", "v2"] = Field(
+        default="seldon", description="Seldon's v1 protocol, or V2 (Open Inference)."
+    )
+    replicas: int = Field(default=1, ge=1, le=100, description="Predictor pods per model.")
+    cpu_request: str | None = Field(default=None, description="CPU request, e.g. `500m`.")
+    cpu_limit: str | None = Field(default=None, description="CPU limit, e.g. `1`.")
+    memory_request: str | None = Field(default=None, description="Memory request, e.g. `1Gi`.")
+    memory_limit: str | None = Field(default=None, description="Memory limit, e.g. `2Gi`.")
+    service_account: str | None = Field(
+        default=None, description="Service account the predictor pods run as."
+    )
+    object_store: ObjectStoreCredentials | None = Field(
+        default=None,
+        description="Keys for the bucket holding the models, written only to the Secret "
+        "`secret_name` (none: the pods' own identity, e.g. IRSA, reads the bucket).",
+    )
+    secret_name: str = Field(
+        default="ctcd-model-store",
+        description="The Secret holding `object_store`'s rclone settings, in `namespace`.",
+    )
+    deploy_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds to wait for a version to roll out."
+    )
+
+    def _api(self) -> Any:
+        return session(self.cluster_config, self.namespace)
+
+    def _resources(self) -> dict[str, dict[str, str]]:
+        given = {
+            "requests": {"cpu": self.cpu_request, "memory": self.memory_request},
+            "limits": {"cpu": self.cpu_limit, "memory": self.memory_limit},
+        }
+        kept = {k: {n: v for n, v in d.items() if v} for k, d in given.items()}
+        return {k: d for k, d in kept.items() if d}
+
+    def _predictor(self, model_uri: str, replicas: int) -> dict[str, Any]:
+        secret = self.secret_name if self.object_store else None
+        return sm.predictor(
+            model_uri, replicas, self.implementation, secret, self._resources(),
+            self.service_account,
+        )  # fmt: skip
+
+    def _check_deployable(self, config: DeploymentConfig) -> None:
+        sm.storage_uri(config)
+
+    def _lock(self, config: DeploymentConfig) -> AbstractContextManager[object]:
+        return nullcontext()  # the API server's resourceVersion checks serialise writes
+
+    def _records(self) -> list[ServiceRecord]:
+        async def run() -> list[ServiceRecord]:
+            async with self._api() as api:
+                found = [sm.read_record(sdep) for sdep in await api.find()]
+            return [r for r in found if r is not None]
+
+        return _run(run())
+
+    def _new_record(self, config: DeploymentConfig, name: str) -> ServiceRecord:
+        prediction_url, health_url = sm.urls(self.base_url, self.namespace, name, self.protocol)
+        base = urlparse(self.base_url)
+        return ServiceRecord(
+            uuid="",
+            backend="seldon",
+            **config.model_dump(),
+            history=[config.model_version],
+            prediction_url=prediction_url,
+            health_url=health_url,
+            host=base.hostname or "",
+            port=base.port or (443 if base.scheme == "https" else 80),
+            workers=self.replicas,
+            protocol=self.protocol,
+            namespace=self.namespace,
+            resource_name=name,
+        )
+
+    def _create(self, config: DeploymentConfig, timeout: float | None) -> ServiceRecord:
+        uri = sm.storage_uri(config)
+        name = sm.resource_name(config.pipeline_name, config.step_name, config.model_name)
+        record = self._new_record(config, name)
+        body = sm.manifest(
+            name, self.namespace, self.protocol, self._predictor(uri, self.replicas), config,
+            record,
+        )  # fmt: skip
+
+        async def run() -> ServiceRecord | None:
+            async with self._api() as api:
+                await self._put_secret(api)
+                if await api.create(body) is None:
+                    return None  # another deploy created it first: update that one
+                try:
+                    sdep = await api.wait_ready(
+                        name, uri, self.replicas, timeout or self.deploy_timeout
+                    )
+                except SeldonFailed:
+                    await api.delete(name)
+                    await self._drop_secret(api, name)
+                    raise
+                return sm.read_record(sdep)
+
+        created = _run(run())
+        if created is not None:
+            return created
+        existing = self.find_model_server(config.pipeline_name, config.step_name, config.model_name)
+        if not existing:
+            raise ModelServerError(f"Deploying {config.model_name}", "the resource vanished")
+        return self._update(existing[0], config, timeout)
+
+    def _update(
+        self, record: ServiceRecord, config: DeploymentConfig, timeout: float | None
+    ) -> ServiceRecord:
+        uri = sm.storage_uri(config)
+        name = str(record.resource_name)
+
+        def mutate(sdep: dict[str, Any]) -> None:
+            current = sm.read_record(sdep) or record
+            history = current.history
+            if current.model_version != config.model_version:
+                history = [*history, config.model_version][-20:]
+            updated = current.model_copy(
+                update={
+                    **config.model_dump(),
+                    "history": history,
+                    "workers": self.replicas,
+                    "desired_state": ServiceState.ACTIVE,
+                    "last_error": None,
+                    "updated_at": datetime.now(UTC),
+                }
+            )
+            sdep["spec"]["predictors"] = [self._predictor(uri, self.replicas)]
+            sdep["spec"]["protocol"] = self.protocol
+            sdep["metadata"]["annotations"][sm.RECORD_ANNOTATION] = sm.record_annotation(updated)
+
+        return self._change_and_wait(
+            name, uri, self.replicas, mutate, timeout, restore_on_failure=True
+        )
+
+    def _change_and_wait(
+        self,
+        name: str,
+        uri: str,
+        replicas: int,
+        mutate: Any,
+        timeout: float | None,
+        restore_on_failure: bool = False,
+    ) -> ServiceRecord:
+        async def run() -> dict[str, Any]:
+            async with self._api() as api:
+                await self._put_secret(api)
+                before, _ = await api.change(name, mutate)
+                try:
+                    return await api.wait_ready(name, uri, replicas, timeout or self.deploy_timeout)
+                except SeldonFailed as err:
+                    if restore_on_failure:
+                        await api.change(name, _restore(before, str(err)))
+                        err.add_note(
+                            "The previous spec was put back; the previous version serves on."
+                        )
+                    raise
+
+        record = sm.read_record(_run(run()))
+        assert record is not None
+        return record
+
+    def _scale(self, record: ServiceRecord, replicas: int, timeout: float | None) -> ServiceRecord:
+        state = ServiceState.ACTIVE if replicas else ServiceState.INACTIVE
+
+        def mutate(sdep: dict[str, Any]) -> None:
+            sdep["spec"]["predictors"][0]["replicas"] = replicas
+            current = sm.read_record(sdep) or record
+            updated = current.model_copy(
+                update={"desired_state": state, "updated_at": datetime.now(UTC)}
+            )
+            sdep["metadata"]["annotations"][sm.RECORD_ANNOTATION] = sm.record_annotation(updated)
+
+        async def uri() -> str:
+            async with self._api() as api:
+                sdep = await api.get(str(record.resource_name))
+            if sdep is None:
+                raise ModelServerError(f"Scaling {record.resource_name}", "it was deleted")
+            return str(sdep["spec"]["predictors"][0]["graph"]["modelUri"])
+
+        name = str(record.resource_name)
+        return self._change_and_wait(name, _run(uri()), replicas, mutate, timeout)
+
+    def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
+        return self._scale(record, record.workers, timeout)
+
+    def _stop(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
+        return self._scale(record, 0, timeout)
+
+    def _delete(self, record: ServiceRecord, timeout: float | None) -> None:
+        async def run() -> None:
+            async with self._api() as api:
+                await api.delete(str(record.resource_name))
+                await self._drop_secret(api, str(record.resource_name))
+
+        _run(run())
+
+    async def _put_secret(self, api: Session) -> None:
+        if self.object_store is not None:
+            secret = self.object_store.kubernetes_secret(self.secret_name, api.namespace)
+            await api.put_secret(secret)
+
+    async def _drop_secret(self, api: Session, deleted: str) -> None:
+        if self.object_store is not None:
+            await api.delete_secret_if_unused(self.secret_name, deleted)
+
+    def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:
+        async def run() -> list[str]:
+            async with self._api() as api:
+                pods = await api.core.list_namespaced_pod(
+                    api.namespace, label_selector=f"{sm.OWNER_LABEL}={record.resource_name}"
+                )
+                if not pods.items:
+                    return [
+                        f"No predictor pods exist for SeldonDeployment {record.resource_name} "
+                        f"in namespace {api.namespace} (stopped, or not scheduled yet): "
+                        "there is no log to show."
+                    ]
+                lines: list[str] = []
+                for pod in pods.items:
+                    lines.extend(await _pod_log(api, pod, tail, len(pods.items) > 1))
+                return lines
+
+        return _run(run())
+
+    def _follow(self, record: ServiceRecord) -> Iterator[str]:
+        seen: set[str] = set(self._logs(record, None))
+        while True:
+            time.sleep(2)
+            for line in self._logs(record, 200):
+                if line not in seen:
+                    seen.add(line)
+                    yield line
+
+
+async def _pod_log(api: Session, pod: Any, tail: int | None, prefix: bool) -> list[str]:
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    name = pod.metadata.name
+    try:
+        text = await api.core.read_namespaced_pod_log(
+            name, api.namespace, container=sm.GRAPH, tail_lines=tail
+        )
+    except ApiException as err:
+        phase = pod.status.phase if pod.status else "unknown"
+        return [f"Pod {name} ({phase}) has no readable log: HTTP {err.status} {err.reason}"]
+    return [f"[{name}] {line}" if prefix else line for line in str(text).splitlines()]
+
+
+def _restore(before: dict[str, Any], error: str) -> Any:
+    """A mutation putting back `before`'s spec and record (with the error noted)."""
+
+    def mutate(sdep: dict[str, Any]) -> None:
+        sdep["spec"] = before["spec"]
+        annotations = dict(before["metadata"].get("annotations", {}))
+        record = sm.read_record({**before, "metadata": {**before["metadata"]}})
+        if record is not None:
+            failed = record.model_copy(update={"last_error": error.splitlines()[0]})
+            annotations[sm.RECORD_ANNOTATION] = sm.record_annotation(failed)
+        sdep["metadata"]["annotations"] = annotations
+
+    return mutate
