@@ -28,6 +28,7 @@ APP_PORT ?= 8501
 app: venv
 	$(VENV)/bin/streamlit run app/streamlit_app.py --server.address $(APP_ADDRESS) \
 		--server.port $(APP_PORT) --server.headless true --browser.gatherUsageStats false \
+		--client.toolbarMode minimal \
 		-- $(ARGS)
 
 lint: venv
