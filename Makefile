@@ -7,7 +7,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: venv demo test lint deploy bench clean
+.PHONY: venv demo app test lint deploy bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -21,6 +21,15 @@ venv: $(VENV)/.synced
 
 demo: venv
 	$(VENV)/bin/ctcd demo
+
+# The Streamlit app on http://$(APP_ADDRESS):$(APP_PORT); ARGS="--model M --deployer BLOCK".
+APP_ADDRESS ?= 127.0.0.1
+APP_PORT ?= 8501
+app: venv
+	$(VENV)/bin/streamlit run app/streamlit_app.py --server.address $(APP_ADDRESS) \
+		--server.port $(APP_PORT) --server.headless true --browser.gatherUsageStats false \
+		--client.toolbarMode minimal \
+		-- $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

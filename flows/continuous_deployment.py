@@ -17,7 +17,7 @@ from flows import ctcd_flow
 from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data
 from flows.gate import DeploymentCriteria, deployment_trigger, evaluate_champion
 from flows.model import FLOW_RUN_TAG, ModelType, RegisteredModel
-from flows.report import publish_report
+from flows.report import RunFacts, publish_report
 from flows.results import DeploymentResult
 from flows.training import train_and_register
 
@@ -44,10 +44,16 @@ def deploy_model(
     return load_deployer(deployer).deploy_model(config, replace=True, timeout=timeout)
 
 
-def _set_alias(model_name: str, alias: str, version: str) -> None:
+GATE_TAG = "ctcd.gate"
+
+
+def _record_gate(model_name: str, version: str, alias: str, decision: str) -> None:
+    """Give the version its alias and keep the gate's decision on it (the app shows it)."""
     import mlflow
 
-    mlflow.MlflowClient().set_registered_model_alias(model_name, alias, version)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(model_name, alias, version)
+    client.set_model_version_tag(model_name, version, GATE_TAG, decision)
 
 
 @ctcd_flow(name="continuous-deployment-pipeline", log_prints=True)
@@ -96,24 +102,20 @@ def gate_and_deploy(
     decision = deployment_trigger(metrics, criteria, champion)
     print(f"Gate for {reg.model_name} v{reg.model_version}: {decision.reason}")
     service: ServiceRecord | None
+    verdict = ("deployed: " if decision.passed else "refused: ") + decision.reason
     if decision.passed:
         service = deploy_model(reg, deployer)
-        _set_alias(reg.model_name, "champion", reg.model_version)
+        _record_gate(reg.model_name, reg.model_version, "champion", verdict)
     else:
-        _set_alias(reg.model_name, "challenger", reg.model_version)
+        _record_gate(reg.model_name, reg.model_version, "challenger", verdict)
         running = load_deployer(deployer).find_model_server(
             pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=reg.model_name
         )
         service = running[0] if running else None
     publish_report(
-        reg.model_name,
-        reg.model_version,
-        metrics,
-        reg.run_id,
-        reg.experiment_id,
-        dataset.source,
-        dataset.sha256,
-        ("deployed: " if decision.passed else "refused: ") + decision.reason,
+        RunFacts(reg, metrics, dataset.source, dataset.sha256, len(data.x_test)),
+        verdict,
+        champion,
         service.prediction_url if service else None,
     )
     return DeploymentResult(

@@ -24,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ctcd.exceptions import ModelConfigError
 from flows.data import CleanData, Dataset
+from flows.evaluation import EvaluationPlots, log_plots
 
 ModelType = Literal["linear", "random_forest", "gradient_boosting"]
 SEED = 42
@@ -147,8 +148,10 @@ def register_model(
     target: str,
     experiment_id: str,
     tags: dict[str, str] | None = None,
+    plots: EvaluationPlots | None = None,
 ) -> RegisteredModel:
-    """Log params, metrics, the data's content hash and the model; register a new version.
+    """Log params, metrics, the data's content hash, the evaluation plots and the model;
+    register a new version.
 
     The model is saved with skops (no arbitrary pickle code on load) and its pip
     requirements are pinned explicitly rather than inferred in a subprocess.
@@ -174,6 +177,8 @@ def register_model(
         mlflow.set_tags(tags or {})
         _log_dataset(dataset, data, target)
         _log_reference(data, target)
+        if plots is not None:
+            log_plots(plots)
         info = mlflow.sklearn.log_model(
             model,
             name="model",

@@ -11,6 +11,7 @@ from blocks.tracking import use_tracking
 from ctcd.settings import configure_mlflow, experiment_for
 from flows import ctcd_flow
 from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data, validate_data
+from flows.evaluation import plot_evaluation
 from flows.model import (
     ModelType,
     RegisteredModel,
@@ -18,7 +19,7 @@ from flows.model import (
     register_model,
     train_model,
 )
-from flows.report import publish_report
+from flows.report import RunFacts, publish_report
 from flows.results import TrainingResult
 
 
@@ -41,6 +42,15 @@ class Trained:
             "data_sha256": self.dataset.sha256,
         }
 
+    def facts(self) -> RunFacts:
+        return RunFacts(
+            self.registered,
+            self.metrics,
+            self.dataset.source,
+            self.dataset.sha256,
+            len(self.data.x_test),
+        )
+
 
 def train_and_register(
     data_path: str | None,
@@ -59,6 +69,7 @@ def train_and_register(
     data = clean_data(dataset, target)
     model = train_model(data, model_type, model_params)
     metrics = evaluate_model(model, data)
+    plots = plot_evaluation(model, data, target)
     experiment_id = configure_mlflow(experiment_for(model_name, experiment_name))
     registered = register_model(
         model,
@@ -71,6 +82,7 @@ def train_and_register(
         target,
         experiment_id,
         tags,
+        plots,
     )
     return Trained(dataset, data, model, metrics, registered)
 
@@ -105,15 +117,5 @@ def training_pipeline(
         trained = train_and_register(
             data_path, target, model_type, model_name, model_params, experiment_name, contract
         )
-        reg = trained.registered
-        publish_report(
-            reg.model_name,
-            reg.model_version,
-            trained.metrics,
-            reg.run_id,
-            reg.experiment_id,
-            trained.dataset.source,
-            trained.dataset.sha256,
-            "not evaluated (training only)",
-        )
+        publish_report(trained.facts(), "not evaluated (training only)")
     return TrainingResult(**trained.result_fields())

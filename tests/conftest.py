@@ -29,6 +29,7 @@ from blocks import DeploymentConfig  # noqa: E402
 from ctcd.sample import generate  # noqa: E402
 from ctcd.settings import configure_mlflow  # noqa: E402
 from flows.data import Dataset, clean_data  # noqa: E402
+from flows.evaluation import plot_evaluation  # noqa: E402
 from flows.model import evaluate_model, register_model, train_model  # noqa: E402
 
 SMALL_ROWS = 2_000
@@ -146,6 +147,7 @@ def versions(small_table) -> dict[str, DeploymentConfig]:
             params,
             "review_score",
             experiment,
+            plots=plot_evaluation.fn(model, data, "review_score"),
         )
         configs[label] = DeploymentConfig(
             model_name=SERVED_MODEL,

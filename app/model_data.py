@@ -1,0 +1,160 @@
+"""What the app reads from MLflow: the served version's training sample (input ranges and
+defaults), the registry's versions with their metrics and gate decisions, evaluation plots.
+
+The artifact paths and tags are the ones the flows write (flows/model.py REFERENCE_PATH,
+flows/evaluation.py EVALUATION_DIR, flows/continuous_deployment.py GATE_TAG); the app does
+not import `flows`, whose import starts a Prefect API server for one-shot runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ctcd.settings import tracking_uri
+
+REFERENCE_PATH = "reference/reference.parquet"
+EVALUATION_DIR = "evaluation"
+GATE_TAG = "ctcd.gate"
+IMPORTANCE_TAG = "ctcd.feature_importance"
+METRICS = ("mse", "rmse", "mae", "r2")
+
+
+@dataclass(frozen=True)
+class FeatureRange:
+    """One input: the range and median of the feature in the stored training sample."""
+
+    name: str
+    low: float
+    high: float
+    default: float
+    integer: bool
+
+
+@dataclass(frozen=True)
+class Reference:
+    run_id: str
+    target: str
+    features: list[FeatureRange]
+    rows: int
+    dtypes: dict[str, str]
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+
+def _client() -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri())
+
+
+def run_of(model_name: str, version: str) -> str:
+    return str(_client().get_model_version(model_name, version).run_id)
+
+
+def _range(name: str, values: pd.Series) -> FeatureRange:
+    values = values.dropna().astype("float64")
+    if values.empty:
+        return FeatureRange(name, 0.0, 0.0, 0.0, False)
+    integer = bool((values == values.round()).all())
+    median = float(values.median())
+    median = float(round(median)) if integer else median
+    return FeatureRange(name, float(values.min()), float(values.max()), median, integer)
+
+
+def load_reference(model_name: str, version: str) -> Reference:
+    """Ranges and defaults of the version's features, from the training sample stored with
+    its MLflow run (the same sample the drift monitor compares new data with)."""
+    import mlflow
+
+    run_id = run_of(model_name, version)
+    params = _client().get_run(run_id).data.params
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=REFERENCE_PATH, tracking_uri=tracking_uri()
+    )
+    frame = pd.read_parquet(path)
+    target = params.get("target", "review_score")
+    names = params["features"].split(",") if params.get("features") else None
+    names = names or [c for c in frame.columns if c != target]
+    ranges = [_range(n, frame[n]) for n in names]
+    return Reference(run_id, target, ranges, len(frame), {n: str(frame[n].dtype) for n in names})
+
+
+def versions_table(model_name: str, served: str | None) -> pd.DataFrame:
+    """Every registered version, newest first: aliases, whether it serves, metrics on its
+    held-out rows and the gate's decision."""
+    client = _client()
+    rows = []
+    for version in client.search_model_versions(f"name = '{model_name}'"):
+        metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+        rows.append(
+            {
+                "version": int(version.version),
+                "aliases": ", ".join(version.aliases),
+                "serving": "yes" if str(version.version) == served else "",
+                "registered": pd.Timestamp(version.creation_timestamp, unit="ms", tz="UTC"),
+                **{m: metrics.get(m) for m in METRICS},
+                "gate": version.tags.get(GATE_TAG, ""),
+            }
+        )
+    columns = ["version", "aliases", "serving", "registered", *METRICS, "gate"]
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.sort_values("version", ascending=False, ignore_index=True)
+
+
+def champion_version(model_name: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client().get_model_version_by_alias(model_name, "champion").version)
+    except MlflowException:
+        return None
+
+
+def evaluation_images(run_id: str) -> tuple[dict[str, bytes], str | None]:
+    """The evaluation PNGs logged with the run, and how its importances were measured."""
+    import mlflow
+
+    client = _client()
+    images = {}
+    for item in client.list_artifacts(run_id, EVALUATION_DIR):
+        if item.path.endswith(".png"):
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=item.path, tracking_uri=tracking_uri()
+            )
+            with open(local, "rb") as handle:
+                images[item.path.rsplit("/", 1)[-1]] = handle.read()
+    return images, client.get_run(run_id).data.tags.get(IMPORTANCE_TAG)
+
+
+def check_columns(
+    columns: list[str], features: list[str], target: str
+) -> tuple[list[str], list[str]]:
+    """(missing features, unexpected columns) of an uploaded table; the target may be there."""
+    missing = [f for f in features if f not in columns]
+    unexpected = [c for c in columns if c not in features and c != target]
+    return missing, unexpected
+
+
+def conform(frame: pd.DataFrame, reference: Reference) -> tuple[pd.DataFrame, list[str]]:
+    """The feature columns as the model was trained on them (numbers of the training
+    dtypes; empty cells stay missing, the model imputes them), and a problem per column
+    holding something that is not a number."""
+    out, problems = pd.DataFrame(index=frame.index), []
+    for name in reference.names:
+        values = pd.to_numeric(frame[name], errors="coerce")
+        bad = frame[name].notna() & values.isna()
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            problems.append(
+                f"column '{name}' holds values that are not numbers, e.g. "
+                f"{frame[name].iloc[row]!r} on data row {row + 1}"
+            )
+        wanted = np.dtype(reference.dtypes.get(name, "float64"))
+        out[name] = values if values.isna().any() else values.astype(wanted)
+    return out, problems
