@@ -96,7 +96,7 @@ def task_times(env: dict[str, str], flow_run: str) -> dict[str, float]:
     body = {"flow_runs": {"id": {"any_": [flow_run]}}}
     for _ in range(60):  # task runs are recorded from events, shortly after the run
         runs = httpx.post(f"{api}/task_runs/filter", json=body, timeout=10).json()
-        if len(runs) >= 6 and all(r["total_run_time"] for r in runs):
+        if len(runs) >= 7 and all(r["total_run_time"] for r in runs):
             break
         time.sleep(0.5)
     return {r["name"].rsplit("-", 1)[0]: r["total_run_time"] for r in runs}

@@ -106,15 +106,16 @@ def test_demo_then_a_script_share_one_local_server_and_import_on_one_thread(user
     flow_run_id = link.rsplit("/", 1)[-1]
     api = f"{ui}/api"
     assert _flow_run(api, flow_run_id)["state"]["type"] == "COMPLETED"
+    expected = sorted(
+        ["ingest_data", "validate_data", "clean_data", "train_model", "evaluate_model",
+         "plot_evaluation", "register_model"]
+    )  # fmt: skip
     deadline = time.monotonic() + 30  # Prefect 3 records task runs from events
     names: list[str] = []
-    while time.monotonic() < deadline and len(names) < 6:
+    while time.monotonic() < deadline and len(names) < len(expected):
         names = sorted(t["name"].rsplit("-", 1)[0] for t in _task_runs(api, flow_run_id))
         time.sleep(0.5)
-    assert names == sorted(
-        ["ingest_data", "validate_data", "clean_data", "train_model", "evaluate_model",
-         "register_model"]
-    )  # fmt: skip
+    assert names == expected
     logs = httpx.post(
         f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}}, timeout=10
     ).json()
