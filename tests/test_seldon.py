@@ -75,6 +75,8 @@ def components(kube_api, tmp_path_factory) -> Iterator[dict[str, Any]]:
             ingress.stop()
     finally:
         patch.undo()
+        # configure_mlflow() pointed MLflow's process-wide URI at this module's server: restore.
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         if tracking is not None:
             stop_group(tracking, 10)
         stop_group(moto, 10)
