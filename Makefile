@@ -7,7 +7,14 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: venv demo app test lint deploy bench clean
+.PHONY: venv demo app test lint deploy image bench clean
+
+# `make image`: the image the ctcd-kubernetes pool runs (Containerfile). docker when its engine
+# answers (`docker info`), else podman. IMAGE_BUILD_FLAGS passes more flags to the build.
+IMAGE ?= ctcd:latest
+BASE ?= python:3.11-slim-bookworm
+CONTAINER_ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+IMAGE_BUILD_FLAGS ?=
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -41,6 +48,9 @@ test: lint
 
 deploy: venv
 	$(VENV)/bin/python -m deployments.setup
+
+image:
+	$(CONTAINER_ENGINE) build -f Containerfile --build-arg BASE=$(BASE) -t $(IMAGE) $(IMAGE_BUILD_FLAGS) .
 
 bench: venv
 	$(VENV)/bin/python bench/pipeline.py
