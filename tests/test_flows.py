@@ -12,10 +12,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterKey,
-    FlowFilter,
-    FlowFilterName,
 )
-from prefect.client.schemas.sorting import FlowRunSort
 from prefect.flow_engine import run_flow
 
 from blocks import MLflowModelDeployer
@@ -185,14 +182,12 @@ def test_lookup_by_flow_and_by_deployment(small_csv, model_name, ctcd_home):
 
 
 def test_deploy_model_version_from_a_training_run(small_csv, model_name, ctcd_home, tmp_path):
-    trained = training_pipeline(data_path=small_csv, model_name=model_name, model_type="linear")
-    with get_client(sync_client=True) as client:
-        [run] = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["training-pipeline"])),
-            sort=FlowRunSort.START_TIME_DESC,
-            limit=1,
-        )
-    result = deploy_model_version(model_name=model_name, training_flow_run_id=str(run.id))
+    state = training_pipeline(
+        data_path=small_csv, model_name=model_name, model_type="linear", return_state=True
+    )
+    trained = state.result()
+    run_id = str(state.state_details.flow_run_id)  # this run, not "the latest" in the session
+    result = deploy_model_version(model_name=model_name, training_flow_run_id=run_id)
     assert result.deployed and result.model_version == trained.model_version
     assert result.metrics == pytest.approx(trained.metrics)
     assert _served(result.service.prediction_url)["model_version"] == trained.model_version
