@@ -53,13 +53,6 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
-def missing(why: str) -> None:
-    """A real component a test needs is not here: fail under CI=true, skip (saying why) locally."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why} (CI=true: a missing component fails the run)")
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="session")
 def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One real kube-apiserver + etcd from KUBEBUILDER_ASSETS for the session (tests/kube.py);
@@ -67,6 +60,8 @@ def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     (fails under CI=true)."""
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     if not assets:
+        from tests.processes import missing
+
         missing(
             "KUBEBUILDER_ASSETS is unset: no kube-apiserver/etcd binaries to test against "
             "(.ci/run sets it from ../shared/k8s/assets.sh)"

@@ -30,7 +30,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.model import FLOW_RUN_TAG
 from tests.kubelet import KubeletStandIn, podman_run_args
-from tests.processes import loopback_port, start_logged, stop_group, wait_healthy
+from tests.processes import loopback_port, missing, start_logged, stop_group, wait_healthy
 from tests.test_prefect_deployments import _api, _make_deploy, _wait
 
 # The first test pays for the image build and a run in it (several minutes under load).
@@ -46,21 +46,15 @@ CONTROLLERS = (
 )
 
 
-def _missing(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI must provide it: see .ci/run)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def podman() -> None:
     os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "tests" / "containers.conf"))
     for tool in ("podman", "runc"):
         if shutil.which(tool) is None:
-            _missing(f"{tool} is not installed (apt-get install podman runc mmdebstrap)")
+            missing(f"{tool} is not installed (apt-get install podman runc mmdebstrap)")
     done = subprocess.run(["podman", "info"], capture_output=True, text=True)
     if done.returncode != 0:
-        _missing(f"podman does not work here: {done.stderr.strip()[-500:]}")
+        missing(f"podman does not work here: {done.stderr.strip()[-500:]}")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ def image(podman) -> str:
     base = os.environ.get("CTCD_BASE_IMAGE", "localhost/ctcd-base:bookworm")
     has_base = subprocess.run(["podman", "image", "exists", base]).returncode == 0
     if not has_base and shutil.which("mmdebstrap") is None:
-        _missing(f"no base image {base} and no mmdebstrap to build it")
+        missing(f"no base image {base} and no mmdebstrap to build it")
     started = time.monotonic()
     done = subprocess.run(
         [str(ROOT / "deployments" / "image.sh"), IMAGE], capture_output=True, text=True
@@ -167,11 +161,11 @@ def cluster(request, tmp_path_factory) -> Iterator[Any]:
     """The session's kube-apiserver plus, for this module, the real kube-controller-manager
     (its Job controller makes the Job's pod and marks the Job complete or failed)."""
     if not os.environ.get("KUBEBUILDER_ASSETS"):
-        _missing("KUBEBUILDER_ASSETS is unset: no kube-apiserver to submit Jobs to")
+        missing("KUBEBUILDER_ASSETS is unset: no kube-apiserver to submit Jobs to")
     kube_api = request.getfixturevalue("kube_api")
     assets = Path(os.environ["KUBEBUILDER_ASSETS"])
     if not (assets / "kube-controller-manager").exists():
-        _missing(f"no kube-controller-manager in KUBEBUILDER_ASSETS ({assets})")
+        missing(f"no kube-controller-manager in KUBEBUILDER_ASSETS ({assets})")
     log = tmp_path_factory.mktemp("kcm") / "kcm.log"
     pki = kube_api.pki
     cmd = [

@@ -26,8 +26,13 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks import MLflowModelDeployer
-from tests.conftest import missing
-from tests.processes import end_processes_under, loopback_port, start_logged, stop_group
+from tests.processes import (
+    end_processes_under,
+    loopback_port,
+    missing,
+    start_logged,
+    stop_group,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
