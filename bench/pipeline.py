@@ -80,7 +80,8 @@ def run(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> tuple[float, d
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
     result = eval(line.removeprefix("RESULT "))  # our own printed dict
     result["wall"] = wall
-    result["exit"] = wall - result["import"] - result["flow"]  # interpreter start and exit
+    if "import" in result:  # one-shot scripts: interpreter start and exit
+        result["exit"] = wall - result["import"] - result["flow"]
     return wall, result
 
 
