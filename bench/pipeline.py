@@ -1,6 +1,7 @@
 """Overhead of running the training steps as a Prefect flow with MLflow tracking, beside ZenML.
 
     .venv/bin/python bench/pipeline.py [--rows 115609] [--repeat 3] [--no-zenml]
+                                       [--only one-shot|steady]
 
 (a) one-shot, as a user runs it: a fresh process calling `training_pipeline()` with embedded
     defaults (ctcd's local Prefect server, MLflow on SQLite in CTCD_HOME), beside a fresh process
@@ -8,7 +9,8 @@
     run, ZenML's default local stack running the same steps as a pipeline beside the same steps
     as plain calls in ZenML's venv (bench/zenml_setup.sh installs it; bench/zenml_pipeline.py).
     The four are interleaved in each round; medians over the rounds.
-(b) steady state: a second call in the same process, beside the plain calls in that process.
+(b) steady state: after an untimed first call, calls in the same process, beside the plain
+    calls in that process; ZenML the same way in its venv (`zenml_pipeline.py --steady N`).
 Overhead = framework wall time - plain wall time. All use random forest, 100 trees, depth 12.
 An untimed warm-up of each framework creates its databases first (and starts ctcd's local
 Prefect server, which later one-shot runs reuse, as a user's would); it is stopped at the end.
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=115_609)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-zenml", action="store_true")
+    parser.add_argument("--only", choices=("one-shot", "steady"))
     args = parser.parse_args()
     zenml = not args.no_zenml
     if zenml and not (ZENML_VENV / "bin" / "python").exists():
@@ -139,8 +142,10 @@ def main() -> None:
         run([*zcmd, path], zenv, work / "zrepo")
 
     rows: dict[str, list[dict]] = {"plain": [], "ctcd": [], "zplain": [], "zenml": []}
+    steady: dict = {}
+    zsteady: dict = {}
     try:
-        for i in range(args.repeat):
+        for i in range(args.repeat if args.only != "steady" else 0):
             _, plain = run(python(PLAIN, path), {**env, "CTCD_LOCAL_API": "0"})
             _, flow = run(python(FLOW, path), env)
             flow["tasks"] = task_times(env, flow["flow_run"])
@@ -156,14 +161,23 @@ def main() -> None:
                     f" | plain (ZenML venv) {zplain['wall']:6.2f} s | ZenML {zflow['wall']:6.2f} s"
                 )
             print(line, flush=True)
-        _, steady = run(python(STEADY, path, args.repeat), env)
+        if args.only != "one-shot":
+            print("steady state ...", flush=True)
+            _, steady = run(python(STEADY, path, args.repeat), env)
+            if zenml:
+                _, zsteady = run([*zcmd, path, "--steady", str(args.repeat)], zenv, work / "zrepo")
     finally:
         stop = "from ctcd import local_api\ns = local_api.recorded()\nif s: local_api.stop(s)"
         subprocess.run([sys.executable, "-c", stop], env=env, cwd=ROOT, check=False)
-    report(rows, steady, zenml)
+    out: dict[str, object] = {}
+    if rows["ctcd"]:
+        out |= report(rows, zenml)
+    if steady:
+        out |= report_steady(steady, zsteady)
+    print(json.dumps(out))
 
 
-def report(rows: dict[str, list[dict]], steady: dict, zenml: bool) -> None:
+def report(rows: dict[str, list[dict]], zenml: bool) -> dict[str, object]:
     ctcd_over = [f["wall"] - p["wall"] for p, f in zip(rows["plain"], rows["ctcd"], strict=True)]
     print("\none-shot, medians (s):      wall   imports  in-call  start+exit")
     for name in ("plain", "ctcd", "zplain", "zenml") if zenml else ("plain", "ctcd"):
@@ -196,11 +210,21 @@ def report(rows: dict[str, list[dict]], steady: dict, zenml: bool) -> None:
             "zenml_one_shot_overhead_s": [round(x, 2) for x in zen_over],
             "ratio": round(ratio, 2),
         }
-    steady_over = [f - p for p, f in zip(steady["plain"], steady["flow"], strict=True)]
-    for p, f in zip(steady["plain"], steady["flow"], strict=True):
-        print(f"steady state: plain {p:6.2f} s | flow {f:6.2f} s | overhead {f - p:+5.2f} s")
-    out["steady_overhead_s"] = [round(x, 2) for x in steady_over]
-    print(json.dumps(out))
+    return out
+
+
+def report_steady(steady: dict, zsteady: dict) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, result in (("ctcd", steady), ("ZenML", zsteady)):
+        if not result:
+            continue
+        over = [f - p for p, f in zip(result["plain"], result["flow"], strict=True)]
+        for p, f in zip(result["plain"], result["flow"], strict=True):
+            print(f"steady state {name:5s}: plain {p:6.2f} s | flow {f:6.2f} s | "
+                  f"overhead {f - p:+5.2f} s")  # fmt: skip
+        print(f"steady state {name}: median overhead {statistics.median(over):+.2f} s")
+        out[f"{name.lower()}_steady_overhead_s"] = [round(x, 2) for x in over]
+    return out
 
 
 if __name__ == "__main__":

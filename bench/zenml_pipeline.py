@@ -2,11 +2,12 @@
 pipeline (default local stack: local orchestrator, SQLite store, local artifact store).
 Runs with the ZenML venv's Python (bench/zenml_setup.sh), not the project's:
 
-    ~/.cache/ctcd-bench/zenml-venv/bin/python bench/zenml_pipeline.py TABLE [--plain]
+    ~/.cache/ctcd-bench/zenml-venv/bin/python bench/zenml_pipeline.py TABLE [--plain | --steady N]
 
 The cleaning mirrors ctcd's (flows/data.py): drop timestamps and ids, numeric columns,
 product sizes filled with the median, 80/20 split with seed 42; random forest 100 trees,
-depth 12, every core. Prints `RESULT {...}` like bench/pipeline.py's scripts.
+depth 12, every core. Prints `RESULT {...}` like bench/pipeline.py's scripts. `--steady N`:
+in one process, one untimed pipeline run, then N rounds of the plain calls and the pipeline.
 """
 
 from __future__ import annotations
@@ -93,8 +94,29 @@ def steps(path: str) -> None:
     evaluate_model(model, x_test, y_test)
 
 
+def steady(path: str, repeat: int) -> None:
+    run = pipeline(name="customer_satisfaction_training", enable_cache=False)(steps)
+    run(path)
+    plain = [ingest_data, clean_data, train_model, evaluate_model]
+    out: dict[str, list[float]] = {"plain": [], "flow": []}
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        frame = plain[0].entrypoint(path)
+        x_train, x_test, y_train, y_test = plain[1].entrypoint(frame)
+        model = plain[2].entrypoint(x_train, y_train)
+        plain[3].entrypoint(model, x_test, y_test)
+        t1 = time.perf_counter()
+        run(path)
+        out["plain"].append(t1 - t0)
+        out["flow"].append(time.perf_counter() - t1)
+    print("RESULT", out)
+
+
 def main() -> None:
     path = sys.argv[1]
+    if "--steady" in sys.argv:
+        steady(path, int(sys.argv[sys.argv.index("--steady") + 1]))
+        return
     t1 = time.perf_counter()
     if PLAIN:
         steps(path)
