@@ -25,7 +25,7 @@ def isolated_home() -> Path:
 
 
 def register_two_versions(
-    model_name: str = "bench-model", model_type: str = "random_forest"
+    model_name: str = "bench-model", model_type: str = "random_forest", count: int = 2
 ) -> list:
     """v1: ctcd's defaults (random forest: 100 trees, depth 12); v2: 60 trees (or defaults)."""
     from blocks import DeploymentConfig
@@ -38,7 +38,7 @@ def register_two_versions(
     experiment = configure_mlflow(model_name)
     configs = []
     second = {"n_estimators": 60} if model_type == "random_forest" else {}
-    for params in ({}, second):
+    for params in ({}, second)[:count]:
         model = train_model.fn(data, model_type, params)
         metrics = evaluate_model.fn(model, data)
         reg = register_model.fn(

@@ -77,6 +77,8 @@ def spawn(record: ServiceRecord, runtime_dir: Path) -> tuple[int, float]:
     """Start gunicorn in its own session so it outlives the deploying process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SECRET_ENV_PREFIXES)}
     env["CTCD_SERVICE_DIR"] = str(runtime_dir)
+    for key, value in record.server_settings.items():  # read by ctcd.serving.app
+        env[f"CTCD_{key.upper()}"] = str(value)
     cmd = [
         sys.executable, "-m", "ctcd.serving.master",
         "--config", "python:ctcd.serving.gunicorn_conf",

@@ -84,6 +84,27 @@ class MLflowModelDeployer(BaseModelDeployer):
         "and kept for the server's life.",
     )
     workers: int = Field(default=1, ge=1, le=32, description="gunicorn worker processes.")
+    max_batch_size: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Most rows a worker scores in one `predict` call when requests arrive "
+        "together (micro-batching); 1 scores every request alone.",
+    )
+    max_batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=1000,
+        description="Milliseconds a batch may wait for more requests once it has one; 0 waits "
+        "for none (requests that arrive while a batch is scored form the next batch).",
+    )
+    model_threads: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Threads the served model uses per worker (scikit-learn `n_jobs`, BLAS, "
+        "OpenMP); 0 keeps the model's own setting. The registered model is not changed.",
+    )
     deploy_timeout: float = Field(
         default=120.0, gt=0, description="Seconds to wait for a version to load and answer."
     )
@@ -203,6 +224,11 @@ class MLflowModelDeployer(BaseModelDeployer):
             host=self.host,
             port=port,
             workers=self.workers,
+            server_settings={
+                "max_batch_size": self.max_batch_size,
+                "max_batch_wait_ms": self.max_batch_wait_ms,
+                "model_threads": self.model_threads,
+            },
             runtime_dir=str(runtime),
             history=[config.model_version],
         )

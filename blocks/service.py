@@ -63,6 +63,11 @@ class ServiceRecord(BaseModel):
     host: str
     port: int
     workers: int = Field(default=1, description="Worker processes (local) or replicas (Seldon).")
+    server_settings: dict[str, int | float] = Field(
+        default_factory=dict,
+        description="Settings the server was created with (local: `max_batch_size`, "
+        "`max_batch_wait_ms`, `model_threads`); kept across stop, start and redeploys.",
+    )
     protocol: Literal["mlflow", "seldon", "v2"] = Field(
         default="mlflow",
         description="What `prediction_url` speaks: MLflow scoring, Seldon v1 or V2.",

@@ -9,16 +9,24 @@ log), so a bad model never takes traffic and never makes a worker fail to boot (
 master would stop). Once loaded, it announces itself in `workers/<pid>.json`: the version it
 serves, the generation of `current.json` it read, and whether it fell back. The master
 (`ctcd.serving.master`) retires an old worker only after a new one has announced itself.
+
+Requests are scored through `ctcd.serving.batching`: MLflow's own `invocations` handles each
+request, and concurrent requests' rows are scored together in one `predict` call. The served
+model's threading is set here, in memory (the registered artifact is unchanged): scikit-learn's
+`n_jobs` and the BLAS/OpenMP pools get `CTCD_MODEL_THREADS` threads (default 1), so a
+single-row call starts no thread pool and the workers, not the model's threads, use the cores.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,7 @@ from fastapi.responses import JSONResponse
 from mlflow.pyfunc import PyFuncModel, load_model, scoring_server
 
 from ctcd.serving import desired as ds
+from ctcd.serving.batching import BatchingModel, BatchSettings, model_threads, set_threads
 from ctcd.serving.limits import RequestGuard
 
 SERVICE_DIR = Path(os.environ["CTCD_SERVICE_DIR"])
@@ -39,6 +48,7 @@ def _load_checked(path: str) -> PyFuncModel:
     """Load the model and score its own input example: a model that loads but cannot
     predict is as broken as one that does not load."""
     loaded = load_model(path)
+    set_threads(loaded, model_threads())
     example = loaded.input_example
     if example is not None:
         loaded.predict(example if isinstance(example, pd.DataFrame) else pd.DataFrame(example))
@@ -81,14 +91,30 @@ def _announce(serving: dict[str, Any], said: dict[str, Any]) -> None:
 
 
 SERVING, model, _SAID = _load()
-app = scoring_server.init(model)
+scorer = BatchingModel(model, BatchSettings.from_env())
+app = scoring_server.init(scorer)  # type: ignore[arg-type]
 app.add_middleware(RequestGuard)
+
+
+@app.on_event("startup")  # type: ignore[untyped-decorator]
+async def _request_threads() -> None:
+    """MLflow scores each request in the event loop's default thread pool; give it enough
+    threads that every concurrent request can wait for its batch (the default is 6 here)."""
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64))
 
 
 @app.get("/metadata")  # type: ignore[untyped-decorator]
 async def metadata() -> JSONResponse:
     keys = ("model_name", "model_version", "model_uri", "uuid")
-    return JSONResponse({key: SERVING[key] for key in keys} | {"worker_pid": os.getpid()})
+    batching = {
+        "enabled": scorer.enabled,
+        "max_batch_size": scorer.settings.max_batch_size,
+        "max_batch_wait_ms": scorer.settings.max_batch_wait_ms,
+        "predict_calls": scorer.batches,
+        "requests": scorer.batched_requests,
+    }
+    extra = {"worker_pid": os.getpid(), "model_threads": model_threads(), "batching": batching}
+    return JSONResponse({key: SERVING[key] for key in keys} | extra)
 
 
 _announce(SERVING, _SAID)

@@ -1,0 +1,216 @@
+"""Adaptive micro-batching for a worker's `/invocations`, behind MLflow's own scoring code.
+
+Each request still goes through MLflow's `scoring_server.invocations`: content types,
+parsing, error answers and the JSON encoding of the result are MLflow's. Only the model it is
+handed differs. `BatchingModel.predict` checks the request's rows against the model's
+signature on their own (so a request whose rows fail validation fails alone, with MLflow's
+message) and queues them for the worker's one scoring thread. That thread takes every request
+waiting at that moment, up to `max_batch_size` rows, and after waiting up to
+`max_batch_wait_ms` for more (default 0: no wait, so a lone client's request is scored at
+once), scores them in one `predict` call and hands each request its own slice of the result.
+While a batch is being scored, new requests queue, so the batch grows with the load by itself.
+
+A batch is only formed from requests whose validated frames have the same columns and dtypes,
+and only split back when the model returned one prediction per row; anything else (params,
+non-tabular input, a model whose output is not per row, a batch that raised) is scored one
+request at a time, exactly as without batching.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PyFuncModel, _validate_prediction_input
+from threadpoolctl import threadpool_limits
+
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_BATCH_WAIT_MS = 0.0
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """`max_batch_size` rows per `predict` call (1 turns batching off); `max_batch_wait_ms`
+    a batch may wait for more requests once it has one."""
+
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS
+
+    @classmethod
+    def from_env(cls) -> BatchSettings:
+        """`CTCD_MAX_BATCH_SIZE` and `CTCD_MAX_BATCH_WAIT_MS` (set by the deployer)."""
+        size = int(os.environ.get("CTCD_MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE))
+        wait = float(os.environ.get("CTCD_MAX_BATCH_WAIT_MS", DEFAULT_MAX_BATCH_WAIT_MS))
+        if size < 1 or wait < 0:
+            raise ValueError(
+                f"CTCD_MAX_BATCH_SIZE must be >= 1 and CTCD_MAX_BATCH_WAIT_MS >= 0 "
+                f"(got {size} and {wait})"
+            )
+        return cls(size, wait)
+
+
+@dataclass
+class _Request:
+    frame: pd.DataFrame
+    key: tuple[Any, ...]
+    result: Future[Any] = field(default_factory=Future)
+
+
+def _key(frame: pd.DataFrame) -> tuple[Any, ...]:
+    return tuple(frame.columns), tuple(str(dtype) for dtype in frame.dtypes)
+
+
+def _split(predictions: Any, sizes: list[int]) -> list[Any] | None:
+    """`predictions` cut into consecutive parts of `sizes` rows, or None if it is not one
+    prediction per row of a type whose slices MLflow encodes as it encodes the whole."""
+    total = sum(sizes)
+    if isinstance(predictions, np.ndarray | pd.Series | pd.DataFrame | list):
+        if len(predictions) != total:
+            return None
+    else:
+        return None
+    parts: list[Any] = []
+    start = 0
+    for size in sizes:
+        if isinstance(predictions, pd.Series | pd.DataFrame):
+            parts.append(predictions.iloc[start : start + size])
+        else:
+            parts.append(predictions[start : start + size])
+        start += size
+    return parts
+
+
+class BatchingModel:
+    """What MLflow's `invocations` is handed instead of the loaded model: same `metadata`,
+    and a `predict` that batches concurrent requests (see the module's docstring)."""
+
+    def __init__(self, model: PyFuncModel, settings: BatchSettings | None = None) -> None:
+        self.model = model
+        self.settings = settings or BatchSettings()
+        meta: Any = model.metadata
+        self.input_schema = meta.get_input_schema()
+        self.params_schema = meta.get_params_schema()
+        # Only plain signature-checked tabular models are batched (see `_batchable`).
+        self.enabled = (
+            self.settings.max_batch_size > 1
+            and self.input_schema is not None
+            and not meta._is_signature_from_type_hint()
+            and not meta._is_type_hint_from_example()
+        )
+        self._waiting: deque[_Request] = deque()
+        self._ready = threading.Condition()
+        self.batches = 0  # predict calls made by the scoring thread
+        self.batched_requests = 0
+        if self.enabled:
+            threading.Thread(target=self._run, name="ctcd-batcher", daemon=True).start()
+
+    @property
+    def metadata(self) -> Any:
+        return self.model.metadata
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+        if not self.enabled or params or not isinstance(data, pd.DataFrame):
+            return self.model.predict(data, params=params)
+        frame, _ = _validate_prediction_input(
+            data, params, self.input_schema, self.params_schema, self.model.loader_module
+        )
+        if not isinstance(frame, pd.DataFrame):
+            return self.model.predict(data, params=params)
+        request = _Request(frame, _key(frame))
+        with self._ready:
+            self._waiting.append(request)
+            self._ready.notify()
+        return request.result.result()
+
+    # -- the scoring thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            try:
+                self._score(batch)
+            except BaseException as err:  # never leave a request waiting
+                for request in batch:
+                    if not request.result.done():
+                        request.result.set_exception(err)
+
+    def _take(self) -> list[_Request]:
+        """The next batch: the oldest waiting request and those behind it with the same
+        columns and dtypes, up to `max_batch_size` rows (a larger request goes alone)."""
+        limit = self.settings.max_batch_size
+        wait = self.settings.max_batch_wait_ms / 1000
+        with self._ready:
+            while not self._waiting:
+                self._ready.wait()
+            first = self._waiting.popleft()
+            batch, rows = [first], len(first.frame)
+            deadline = time.monotonic() + wait
+            while rows < limit:
+                matching = [r for r in self._waiting if r.key == first.key]
+                for request in matching:
+                    if rows + len(request.frame) > limit:
+                        break
+                    self._waiting.remove(request)
+                    batch.append(request)
+                    rows += len(request.frame)
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining > 0 and self._ready.wait(remaining):
+                        continue
+                break
+        return batch
+
+    def _score(self, batch: list[_Request]) -> None:
+        if len(batch) > 1:
+            try:
+                joined = pd.concat([r.frame for r in batch], ignore_index=True)
+                parts = _split(self._call(joined), [len(r.frame) for r in batch])
+            except Exception:
+                parts = None  # score each request alone: each gets its own answer or error
+            if parts is not None:
+                self.batches += 1
+                self.batched_requests += len(batch)
+                for request, part in zip(batch, parts, strict=True):
+                    request.result.set_result(part)
+                return
+        for request in batch:
+            self.batches += 1
+            self.batched_requests += 1
+            _settle(request.result, partial(self._call, request.frame))
+
+    def _call(self, frame: pd.DataFrame) -> Any:
+        return self.model.predict(frame)
+
+
+def _settle(result: Future[Any], compute: Callable[[], Any]) -> None:
+    try:
+        result.set_result(compute())
+    except Exception as err:
+        result.set_exception(err)
+
+
+def model_threads() -> int:
+    """Threads the served model may use per worker: `CTCD_MODEL_THREADS`, default 1; 0 leaves
+    the model's own settings (e.g. a forest trained with `n_jobs=-1` uses every core)."""
+    return max(0, int(os.environ.get("CTCD_MODEL_THREADS", "1")))
+
+
+def set_threads(model: PyFuncModel, threads: int) -> None:
+    """Give the loaded model `threads` threads (0: leave it as it is): every scikit-learn
+    `n_jobs` parameter of the estimator (a Pipeline's steps included) and, process-wide, the
+    BLAS and OpenMP pools. Only the loaded copy changes, never the registered artifact."""
+    if threads < 1:
+        return
+    estimator = getattr(model._model_impl, "sklearn_model", None)
+    if estimator is not None and hasattr(estimator, "get_params"):
+        jobs = [key for key in estimator.get_params() if key.split("__")[-1] == "n_jobs"]
+        estimator.set_params(**dict.fromkeys(jobs, threads))
+    threadpool_limits(threads)
