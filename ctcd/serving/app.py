@@ -36,6 +36,7 @@ from mlflow.pyfunc import PyFuncModel, load_model, scoring_server
 
 from ctcd.serving import desired as ds
 from ctcd.serving.batching import BatchingModel, BatchSettings, model_threads, set_threads
+from ctcd.serving.fastpath import FastInvocations
 from ctcd.serving.limits import RequestGuard
 
 SERVICE_DIR = Path(os.environ["CTCD_SERVICE_DIR"])
@@ -93,7 +94,8 @@ def _announce(serving: dict[str, Any], said: dict[str, Any]) -> None:
 SERVING, model, _SAID = _load()
 scorer = BatchingModel(model, BatchSettings.from_env())
 app = scoring_server.init(scorer)  # type: ignore[arg-type]
-app.add_middleware(RequestGuard)
+app.add_middleware(FastInvocations, scorer=scorer)
+app.add_middleware(RequestGuard)  # outermost of the two: its limits apply to both paths
 
 
 @app.on_event("startup")  # type: ignore[untyped-decorator]
@@ -112,7 +114,7 @@ async def metadata() -> JSONResponse:
         "max_batch_wait_ms": scorer.settings.max_batch_wait_ms,
         "predict_calls": scorer.batches,
         "requests": scorer.batched_requests,
-    }
+    } | scorer.counts
     extra = {"worker_pid": os.getpid(), "model_threads": model_threads(), "batching": batching}
     return JSONResponse({key: SERVING[key] for key in keys} | extra)
 

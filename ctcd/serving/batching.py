@@ -110,6 +110,8 @@ class BatchingModel:
         self._ready = threading.Condition()
         self.batches = 0  # predict calls made by the scoring thread
         self.batched_requests = 0
+        # POST /invocations answered on ctcd.serving.fastpath's path and by MLflow's route
+        self.counts = {"fast_path": 0, "mlflow_path": 0}
         if self.enabled:
             threading.Thread(target=self._run, name="ctcd-batcher", daemon=True).start()
 
@@ -125,11 +127,16 @@ class BatchingModel:
         )
         if not isinstance(frame, pd.DataFrame):
             return self.model.predict(data, params=params)
+        return self.submit(frame).result()
+
+    def submit(self, frame: pd.DataFrame) -> Future[Any]:
+        """Queue a frame that already conforms to the signature (checked by `predict`, or
+        built conforming by `ctcd.serving.fastpath`) for the next batch: its predictions."""
         request = _Request(frame, _key(frame))
         with self._ready:
             self._waiting.append(request)
             self._ready.notify()
-        return request.result.result()
+        return request.result
 
     # -- the scoring thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -187,7 +194,9 @@ class BatchingModel:
             _settle(request.result, partial(self._call, request.frame))
 
     def _call(self, frame: pd.DataFrame) -> Any:
-        return self.model.predict(frame)
+        """The model's own predict, without checking the signature a second time: every frame
+        queued was checked (or built conforming) on its own."""
+        return self.model._predict_fn(frame)
 
 
 def _settle(result: Future[Any], compute: Callable[[], Any]) -> None:
