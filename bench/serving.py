@@ -12,10 +12,11 @@ bodies). Only answers with one prediction per row sent count. Peers:
 
 - `ctcd before`: ctcd's server as it was before micro-batching: every request scored alone,
   the model's own threading (the forest's `n_jobs=-1`): `max_batch_size=1, model_threads=0`.
-- `ctcd`: the defaults (batching up to 64 rows, no batch wait, 1 model thread per worker).
+- `ctcd`: the defaults (batching up to 256 rows, no batch wait, 1 model thread per worker;
+  forests scored tree by tree without joblib, `ctcd.serving.forest`).
 - `mlflow`: `mlflow models serve --workers N` (uvicorn).
 - `mlserver`: MLServer 1.7.1's MLflow runtime, `parallel_workers=N`, adaptive batching
-  (`max_batch_size` 64, `max_batch_time` MLSERVER_BATCH_TIME_S), V2 protocol bodies.
+  (`max_batch_size` 256, `max_batch_time` 2 ms), V2 protocol bodies.
 
 Memory: RSS and PSS summed over each server's processes, idle (after start) and loaded (after
 its runs). The in-process limit: `mlflow.pyfunc.load_model(...).predict` on one row and on 32
@@ -44,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 MLSERVER_VENV = Path(
     os.environ.get("MLSERVER_VENV", Path.home() / ".cache/ctcd-bench/mlserver-venv")
 )
+MLSERVER_BATCH_SIZE = 256  # requests (MLServer counts requests, not rows)
 MLSERVER_BATCH_TIME_S = 0.002
 PEERS = ("ctcd before", "ctcd", "mlflow", "mlserver")
 
@@ -131,7 +133,7 @@ def start_mlserver(model_dir: Path, workers: int, work: Path) -> Server:
         "name": "m",
         "implementation": "mlserver_mlflow.MLflowRuntime",
         "parameters": {"uri": str(model_dir)},
-        "max_batch_size": 64,
+        "max_batch_size": MLSERVER_BATCH_SIZE,
         "max_batch_time": MLSERVER_BATCH_TIME_S,
     }
     (folder / "settings.json").write_text(json.dumps(settings))

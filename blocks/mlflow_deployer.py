@@ -85,7 +85,7 @@ class MLflowModelDeployer(BaseModelDeployer):
     )
     workers: int = Field(default=1, ge=1, le=32, description="gunicorn worker processes.")
     max_batch_size: int = Field(
-        default=64,
+        default=256,
         ge=1,
         le=100_000,
         description="Most rows a worker scores in one `predict` call when requests arrive "

@@ -23,6 +23,16 @@ from ctcd.serving.batching import BatchingModel, BatchSettings
 JSON = "application/json"
 
 
+def _load(uri: str) -> Any:
+    """The model as a worker serves it: every `n_jobs` set to 1 (so a forest sums its trees
+    in a fixed order, as the server's does)."""
+    model = mlflow.pyfunc.load_model(uri)
+    estimator = model._model_impl.sklearn_model
+    jobs = [key for key in estimator.get_params() if key.split("__")[-1] == "n_jobs"]
+    estimator.set_params(**dict.fromkeys(jobs, 1))
+    return model
+
+
 def _frames(model: Any, count: int) -> list[pd.DataFrame]:
     """`count` different frames of 1 to 5 rows, built from the model's input example."""
     example = pd.DataFrame(model.input_example)
@@ -63,7 +73,7 @@ def test_batched_predictions_equal_each_request_scored_alone(versions, label):
     differs from the one for many: a row's prediction may differ in the last bit (here up to
     4e-16), exactly as it does without ctcd when a client sends that row alone or inside a
     larger request; so for it, equal within 2 units in the last place."""
-    model = mlflow.pyfunc.load_model(versions[label].model_uri)
+    model = _load(versions[label].model_uri)
     scorer = BatchingModel(model, BatchSettings(max_batch_size=64, max_batch_wait_ms=200))
     frames = _frames(model, 24)
     results = _concurrently([lambda f=f: scorer.predict(f) for f in frames])
@@ -83,7 +93,7 @@ def test_batched_predictions_equal_each_request_scored_alone(versions, label):
 def test_a_request_that_fails_fails_alone(versions):
     """Rows with infinity pass the signature (they are doubles) but make the model raise:
     the batch they joined is scored again request by request, so only they fail."""
-    model = mlflow.pyfunc.load_model(versions["better"].model_uri)
+    model = _load(versions["better"].model_uri)
     scorer = BatchingModel(model, BatchSettings(max_batch_size=64, max_batch_wait_ms=200))
     frames = _frames(model, 12)
     poisoned = frames[5].copy()
@@ -103,7 +113,7 @@ def test_a_request_that_fails_fails_alone(versions):
 
 
 def test_max_batch_size_caps_rows_per_call(versions):
-    model = mlflow.pyfunc.load_model(versions["good"].model_uri)
+    model = _load(versions["good"].model_uri)
     scorer = BatchingModel(model, BatchSettings(max_batch_size=4, max_batch_wait_ms=200))
     sizes: list[int] = []
     original = scorer._call
@@ -151,7 +161,7 @@ def test_server_batches_concurrent_requests_and_answers_each_as_mlflow_would(ver
     deployer = MLflowModelDeployer(workers=1, max_batch_wait_ms=20)
     record = deployer.deploy_model(config)
     try:
-        model = mlflow.pyfunc.load_model(config.model_uri)
+        model = _load(config.model_uri)
         frames = _frames(model, 48)
         bodies = [_body(f) for f in frames]
         split = json.loads(bodies[3])
@@ -218,7 +228,7 @@ def test_server_batches_concurrent_requests_and_answers_each_as_mlflow_would(ver
 
 def test_encoding_matches_mlflow_for_slices(versions):
     """A slice of the batch's predictions encodes as the request's own predictions would."""
-    model = mlflow.pyfunc.load_model(versions["good"].model_uri)
+    model = _load(versions["good"].model_uri)
     frames = _frames(model, 3)
     whole = model.predict(pd.concat(frames, ignore_index=True))
     start = 0
@@ -228,3 +238,31 @@ def test_encoding_matches_mlflow_for_slices(versions):
         scoring_server.predictions_to_json(model.predict(frame), alone)
         assert part.getvalue() == alone.getvalue()
         start += len(frame)
+
+
+@pytest.mark.parametrize("trees", [5, 40])
+def test_direct_forest_predict_is_bit_for_bit_the_forests_own(small_table, trees):
+    """ctcd.serving.forest scores a forest tree by tree without joblib: exactly what the
+    forest's own `predict` with one job gives, on single rows and on many."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    from ctcd.serving.forest import direct_predict
+    from flows.data import Dataset, clean_data
+    from flows.model import train_model
+
+    data = clean_data.fn(Dataset(frame=small_table, source="s.csv", sha256="00" * 32))
+    pipeline = train_model.fn(data, "random_forest", {"n_estimators": trees})
+    pipeline.set_params(model__n_jobs=1)
+    predict = direct_predict(pipeline)
+    assert predict is not None
+    x = data.x_test.copy()
+    x.iloc[0, 0] = np.nan  # the pipeline's imputer fills it, as in the forest's own path
+    np.testing.assert_array_equal(predict(x), pipeline.predict(x))
+    for i in range(20):
+        row = x.iloc[i : i + 1]
+        np.testing.assert_array_equal(predict(row), pipeline.predict(row))
+    assert (
+        direct_predict(RandomForestRegressor(n_estimators=2).fit([[0], [1]], [[0, 1], [1, 0]]))
+        is None
+    )
+    assert direct_predict(pipeline.steps[0][1]) is None  # not a forest

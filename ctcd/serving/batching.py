@@ -33,7 +33,9 @@ import pandas as pd
 from mlflow.pyfunc import PyFuncModel, _validate_prediction_input
 from threadpoolctl import threadpool_limits
 
-DEFAULT_MAX_BATCH_SIZE = 64
+from ctcd.serving.forest import direct_predict
+
+DEFAULT_MAX_BATCH_SIZE = 256
 DEFAULT_MAX_BATCH_WAIT_MS = 0.0
 
 
@@ -106,6 +108,11 @@ class BatchingModel:
             and not meta._is_signature_from_type_hint()
             and not meta._is_type_hint_from_example()
         )
+        # Forests are scored tree by tree without joblib (ctcd.serving.forest); the same result.
+        estimator = getattr(model._model_impl, "sklearn_model", None)
+        direct = direct_predict(estimator) if estimator is not None else None
+        self._predict: Callable[[pd.DataFrame], Any] = direct or model._predict_fn
+        self.direct = direct is not None
         self._waiting: deque[_Request] = deque()
         self._ready = threading.Condition()
         self.batches = 0  # predict calls made by the scoring thread
@@ -196,7 +203,7 @@ class BatchingModel:
     def _call(self, frame: pd.DataFrame) -> Any:
         """The model's own predict, without checking the signature a second time: every frame
         queued was checked (or built conforming) on its own."""
-        return self.model._predict_fn(frame)
+        return self._predict(frame)
 
 
 def _settle(result: Future[Any], compute: Callable[[], Any]) -> None:
