@@ -26,6 +26,7 @@ import psutil
 from blocks.service import ServiceRecord
 from ctcd.exceptions import ModelLoadError, ModelServerError
 from ctcd.serving import desired as ds
+from ctcd.serving.predlog import probe_request_id
 
 # Never hand a model server the credentials of the process that deployed it.
 _SECRET_ENV_PREFIXES = ("MLFLOW_TRACKING_", "VAULT_", "BAO_", "AWS_SECRET", "PREFECT_API_KEY")
@@ -251,7 +252,8 @@ def probe_live(record: ServiceRecord, model_dir: Path, timeout: float = 30.0) ->
         response = httpx.post(
             record.prediction_url,
             content=example.read_bytes(),
-            headers={"Content-Type": "application/json"},
+            # marked as the deploy's own check: the prediction log leaves it out
+            headers={"Content-Type": "application/json", "X-Request-ID": probe_request_id()},
             timeout=timeout,
         )
     except httpx.HTTPError as err:

@@ -21,10 +21,13 @@ from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.service import ServiceRecord, ServiceState
 from ctcd.exceptions import ModelLoadError, ModelServerError
 from ctcd.serving import desired as ds
+from ctcd.serving.predlog import read_stats
 from ctcd.settings import ctcd_home
 
 KEEP_MODEL_COPIES = 3
-_OBSERVED_FIELDS = {"status", "status_message", "live_workers", "worker_versions"}
+_OBSERVED_FIELDS = {
+    "status", "status_message", "live_workers", "worker_versions", "prediction_log_rows",
+}  # fmt: skip
 _DESIRED_FIELDS = ("model_version", "model_uri", "run_id", "flow_run_id")
 
 
@@ -105,6 +108,26 @@ class MLflowModelDeployer(BaseModelDeployer):
         description="Threads the served model uses per worker (scikit-learn `n_jobs`, BLAS, "
         "OpenMP); 0 keeps the model's own setting. The registered model is not changed.",
     )
+    prediction_log: bool = Field(
+        default=True,
+        description="Log what the server scores (time, version, request id, rows, "
+        "predictions) as Parquet under its runtime folder, off the request path.",
+    )
+    log_sample_rate: float = Field(
+        default=1.0, gt=0, le=1, description="Share of answered requests the log records."
+    )
+    max_log_bytes: int = Field(
+        default=1024**3, ge=1, description="The log's size limit; the oldest files go first."
+    )
+    log_flush_s: float = Field(
+        default=2.0, gt=0, le=5, description="Seconds between writes of a worker's log buffer."
+    )
+    log_buffer_rows: int = Field(
+        default=100_000,
+        ge=1,
+        description="Rows a worker buffers between writes; more are dropped and counted, so "
+        "logging never slows a request.",
+    )
     deploy_timeout: float = Field(
         default=120.0, gt=0, description="Seconds to wait for a version to load and answer."
     )
@@ -160,6 +183,8 @@ class MLflowModelDeployer(BaseModelDeployer):
                 for pid, version, leaving in seen
             }
             update |= _state(record, want, seen)
+        if record.prediction_log_dir:
+            update["prediction_log_rows"] = read_stats(Path(str(record.runtime_dir)))
         return record.model_copy(update=update)
 
     def _down(self, record: ServiceRecord) -> dict[str, object]:
@@ -228,7 +253,13 @@ class MLflowModelDeployer(BaseModelDeployer):
                 "max_batch_size": self.max_batch_size,
                 "max_batch_wait_ms": self.max_batch_wait_ms,
                 "model_threads": self.model_threads,
+                "prediction_log": int(self.prediction_log),
+                "log_sample_rate": self.log_sample_rate,
+                "max_log_bytes": self.max_log_bytes,
+                "log_flush_s": self.log_flush_s,
+                "log_buffer_rows": self.log_buffer_rows,
             },
+            prediction_log_dir=str(runtime / "predictions") if self.prediction_log else None,
             runtime_dir=str(runtime),
             history=[config.model_version],
         )

@@ -76,6 +76,15 @@ class ServiceRecord(BaseModel):
     resource_name: str | None = Field(
         default=None, description="The SeldonDeployment's name (Seldon)."
     )
+    prediction_log_dir: str | None = Field(
+        default=None,
+        description="Where the server logs what it scored (Parquet, by hour; local servers "
+        "with the prediction log on). Read it with `ctcd.serving.predlog.read_log`.",
+    )
+    prediction_log_rows: dict[str, int] = Field(
+        default_factory=dict,
+        description="Observed: rows the prediction log has written and dropped (buffer full).",
+    )
     pid: int | None = None
     pid_started_at: float | None = Field(default=None, description="Guards against PID reuse.")
     runtime_dir: str | None = None

@@ -20,6 +20,7 @@ single-row call starts no thread pool and the workers, not the model's threads, 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from ctcd.serving import desired as ds
 from ctcd.serving.batching import BatchingModel, BatchSettings, model_threads, set_threads
 from ctcd.serving.fastpath import FastInvocations
 from ctcd.serving.limits import RequestGuard
+from ctcd.serving.predlog import LogSettings, PredictionLog
 
 SERVICE_DIR = Path(os.environ["CTCD_SERVICE_DIR"])
 # Tests only: seconds a worker spends "loading" on top of the real load, so that a request
@@ -92,10 +94,18 @@ def _announce(serving: dict[str, Any], said: dict[str, Any]) -> None:
 
 
 SERVING, model, _SAID = _load()
-scorer = BatchingModel(model, BatchSettings.from_env())
+predictions = PredictionLog(SERVICE_DIR, SERVING["model_version"], LogSettings.from_env())
+atexit.register(predictions.close)
+scorer = BatchingModel(model, BatchSettings.from_env(), log=predictions)
 app = scoring_server.init(scorer)  # type: ignore[arg-type]
 app.add_middleware(FastInvocations, scorer=scorer)
 app.add_middleware(RequestGuard)  # outermost of the two: its limits apply to both paths
+
+
+@app.on_event("shutdown")  # type: ignore[untyped-decorator]
+async def _write_predictions() -> None:
+    """A leaving worker (swap, stop) writes the predictions it still holds."""
+    predictions.close()
 
 
 @app.on_event("startup")  # type: ignore[untyped-decorator]

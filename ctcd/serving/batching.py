@@ -34,6 +34,7 @@ from mlflow.pyfunc import PyFuncModel, _validate_prediction_input
 from threadpoolctl import threadpool_limits
 
 from ctcd.serving.forest import direct_predict
+from ctcd.serving.predlog import REQUEST_ID, PredictionLog, new_request_id
 
 DEFAULT_MAX_BATCH_SIZE = 256
 DEFAULT_MAX_BATCH_WAIT_MS = 0.0
@@ -95,9 +96,15 @@ class BatchingModel:
     """What MLflow's `invocations` is handed instead of the loaded model: same `metadata`,
     and a `predict` that batches concurrent requests (see the module's docstring)."""
 
-    def __init__(self, model: PyFuncModel, settings: BatchSettings | None = None) -> None:
+    def __init__(
+        self,
+        model: PyFuncModel,
+        settings: BatchSettings | None = None,
+        log: PredictionLog | None = None,
+    ) -> None:
         self.model = model
         self.settings = settings or BatchSettings()
+        self.log = log  # what MLflow's route scored is recorded here (fastpath records its own)
         meta: Any = model.metadata
         self.input_schema = meta.get_input_schema()
         self.params_schema = meta.get_params_schema()
@@ -127,14 +134,24 @@ class BatchingModel:
         return self.model.metadata
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+        """Called by MLflow's `invocations` (in a thread) for each request on its route."""
         if not self.enabled or params or not isinstance(data, pd.DataFrame):
-            return self.model.predict(data, params=params)
+            result = self.model.predict(data, params=params)
+            self._record(data, result)
+            return result
         frame, _ = _validate_prediction_input(
             data, params, self.input_schema, self.params_schema, self.model.loader_module
         )
         if not isinstance(frame, pd.DataFrame):
-            return self.model.predict(data, params=params)
-        return self.submit(frame).result()
+            result = self.model.predict(data, params=params)
+        else:
+            result = self.submit(frame).result()
+        self._record(frame, result)
+        return result
+
+    def _record(self, data: Any, result: Any) -> None:
+        if self.log is not None and isinstance(data, pd.DataFrame):
+            self.log.record(REQUEST_ID.get() or new_request_id(), data, result)
 
     def submit(self, frame: pd.DataFrame) -> Future[Any]:
         """Queue a frame that already conforms to the signature (checked by `predict`, or

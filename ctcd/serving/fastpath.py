@@ -28,6 +28,7 @@ from mlflow.types.schema import DataType
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctcd.serving.batching import BatchingModel
+from ctcd.serving.predlog import REQUEST_ID, request_id_from
 
 MAX_FAST_BODY = 64 * 1024  # larger bodies are parsed by MLflow, in a thread
 _EXACT_INT = 2**53  # ints up to this convert to float64 exactly
@@ -82,7 +83,8 @@ def parse(body: bytes, columns: list[str]) -> pd.DataFrame | None:
 
 class FastInvocations:
     """ASGI middleware: answers `POST /invocations` on the fast path when it can, and hands
-    every other request, and every request it cannot answer, to the app behind it."""
+    every other request, and every request it cannot answer, to the app behind it. Every
+    `POST /invocations` answer carries an `X-Request-ID` (the client's, or a new one)."""
 
     def __init__(self, app: ASGIApp, scorer: BatchingModel) -> None:
         self.app = app
@@ -91,18 +93,20 @@ class FastInvocations:
         self.timeout = MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()  # type: ignore[no-untyped-call]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.columns is None
-            or scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope["path"] != "/invocations"
-        ):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/invocations":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        # Every answer names its request: the client's X-Request-ID, or one made here. The
+        # prediction log records it (MLflow's route reads it from REQUEST_ID in its thread).
+        request_id = request_id_from(headers.get(b"x-request-id"))
+        REQUEST_ID.set(request_id)
+        send = _with_request_id(send, request_id.encode("latin-1"))
         length = headers.get(b"content-length", b"")
-        if headers.get(b"content-type") != b"application/json" or not (
-            length.isdigit() and int(length) <= MAX_FAST_BODY
+        if (
+            self.columns is None
+            or headers.get(b"content-type") != b"application/json"
+            or not (length.isdigit() and int(length) <= MAX_FAST_BODY)
         ):
             self.scorer.counts["mlflow_path"] += 1
             await self.app(scope, receive, send)
@@ -113,7 +117,7 @@ class FastInvocations:
         frame = parse(body, self.columns)
         if frame is not None:
             try:
-                answer = await asyncio.wait_for(self._score(frame), self.timeout)
+                answer = await asyncio.wait_for(self._score(frame, request_id), self.timeout)
             except TimeoutError:
                 await _send(send, 504, b"Request processing time exceeded limit")
                 return
@@ -126,10 +130,12 @@ class FastInvocations:
         self.scorer.counts["mlflow_path"] += 1
         await self.app(scope, _replay(body, receive), send)
 
-    async def _score(self, frame: pd.DataFrame) -> bytes:
+    async def _score(self, frame: pd.DataFrame, request_id: str) -> bytes:
         predictions = await asyncio.wrap_future(self.scorer.submit(frame))
         out = StringIO()
         predictions_to_json(predictions, out)  # type: ignore[no-untyped-call]
+        if self.scorer.log is not None:
+            self.scorer.log.record(request_id, frame, predictions)
         return out.getvalue().encode()
 
 
@@ -143,6 +149,18 @@ async def _read(receive: Receive) -> bytes | None:
         chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             return b"".join(chunks)
+
+
+def _with_request_id(send: Send, request_id: bytes) -> Send:
+    """`send` with an `x-request-id` header added to the response."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+            message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
+        await send(message)
+
+    return sending
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

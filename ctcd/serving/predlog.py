@@ -1,0 +1,254 @@
+"""The prediction log: what a model server scored, written as Parquet off the request path.
+
+Each worker keeps a bounded buffer of what it answered (time, model version, request id, the
+input rows, the predictions) and a thread that writes the buffer out every `flush_s` seconds
+(default 2) as one Parquet file per flush, under the server's runtime folder:
+
+    <runtime>/predictions/date=YYYY-MM-DD/hour=HH/<pid>-<start>-<sequence>.parquet
+
+partitioned by the hour of the requests (UTC), one row per input row: `ts`, `model_version`,
+`request_id`, `row` (its index within the request), the features, `prediction`. A file is
+written under a temporary name and renamed into place, so a reader never sees a partial file,
+whatever happens to the worker. Recording costs the request an append under a lock; when the
+buffer holds `buffer_rows` rows, further rows are dropped and counted, never waited for. A
+worker that leaves (a swap, a stop) writes what it holds first; one that is killed loses at most
+what it buffered since its last flush. The counts (rows written, rows dropped) are in
+`predictions/_stats/<pid>-<start>.json`; `ctcd models describe` adds them up.
+
+Only what was scored is recorded: not headers, not refused requests, never credentials; nor
+the deploy's own check of a new server (its request id starts with `ctcd-probe-`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FOLDER = "predictions"
+STATS = "_stats"
+DEFAULT_BUFFER_ROWS = 100_000
+DEFAULT_FLUSH_S = 2.0
+DEFAULT_MAX_BYTES = 1024**3
+# (time, request id, column names, input rows, predictions)
+Entry = tuple[float, str, tuple[str, ...], np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    enabled: bool = True
+    sample_rate: float = 1.0
+    max_bytes: int = DEFAULT_MAX_BYTES
+    buffer_rows: int = DEFAULT_BUFFER_ROWS
+    flush_s: float = DEFAULT_FLUSH_S
+
+    @classmethod
+    def from_env(cls) -> LogSettings:
+        """`CTCD_PREDICTION_LOG` (1/0), `CTCD_LOG_SAMPLE_RATE`, `CTCD_MAX_LOG_BYTES`,
+        `CTCD_LOG_BUFFER_ROWS`, `CTCD_LOG_FLUSH_S` (set by the deployer)."""
+        env = os.environ.get
+        return cls(
+            enabled=env("CTCD_PREDICTION_LOG", "1").lower() not in ("0", "false", "no"),
+            sample_rate=float(env("CTCD_LOG_SAMPLE_RATE", "1.0")),
+            max_bytes=int(float(env("CTCD_MAX_LOG_BYTES", str(DEFAULT_MAX_BYTES)))),
+            buffer_rows=int(float(env("CTCD_LOG_BUFFER_ROWS", str(DEFAULT_BUFFER_ROWS)))),
+            flush_s=float(env("CTCD_LOG_FLUSH_S", str(DEFAULT_FLUSH_S))),
+        )
+
+
+# The id of the request being answered, set by `ctcd.serving.fastpath` for every
+# `POST /invocations` (MLflow's route runs in a thread that inherits it).
+REQUEST_ID: ContextVar[str] = ContextVar("ctcd_request_id", default="")
+
+
+PROBE_PREFIX = "ctcd-probe-"  # the deploy's own check of a new server: not logged
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def probe_request_id() -> str:
+    return PROBE_PREFIX + new_request_id()
+
+
+def request_id_from(header: bytes | None) -> str:
+    """The client's `X-Request-ID` if it is a usable id (printable, at most 128 characters),
+    else a new one."""
+    if header:
+        text = header.decode("latin-1").strip()
+        if 0 < len(text) <= 128 and text.isprintable():
+            return text
+    return new_request_id()
+
+
+class PredictionLog:
+    """One worker's log (see the module docstring). `record` is safe from any thread."""
+
+    def __init__(self, runtime: Path, model_version: str, settings: LogSettings) -> None:
+        self.folder = runtime / FOLDER
+        self.version = str(model_version)
+        self.settings = settings
+        self._buffer: deque[Entry] = deque()
+        self._rows = 0
+        self.dropped = 0
+        self.written = 0
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self._sequence = 0
+        self._name = f"{os.getpid()}-{int(time.time() * 1000)}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if settings.enabled:
+            (self.folder / STATS).mkdir(parents=True, exist_ok=True)
+            self._thread = threading.Thread(target=self._run, name="ctcd-predlog", daemon=True)
+            self._thread.start()
+
+    def record(self, request_id: str, frame: pd.DataFrame, predictions: Any) -> None:
+        """Buffer one answered request; drop it (counted) if the buffer is full."""
+        if not self.settings.enabled or request_id.startswith(PROBE_PREFIX):
+            return
+        if self.settings.sample_rate < 1.0 and random.random() >= self.settings.sample_rate:
+            return
+        rows = len(frame)
+        with self._lock:
+            if self._rows + rows > self.settings.buffer_rows:
+                self.dropped += rows
+                return
+            self._rows += rows
+        try:
+            values = frame.to_numpy()
+            predicted = np.asarray(predictions)
+        except Exception:  # not something we can store: count it, never fail the request
+            with self._lock:
+                self._rows -= rows
+                self.dropped += rows
+            return
+        entry = (time.time(), request_id, tuple(map(str, frame.columns)), values, predicted)
+        self._buffer.append(entry)
+
+    # -- the writer thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.flush_s):
+            self.flush()
+
+    def close(self) -> None:
+        """Write what is buffered and stop the writer (a worker leaving)."""
+        self._stop.set()
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.settings.enabled:
+            return
+        with self._flushing:
+            entries = []
+            while self._buffer:
+                entries.append(self._buffer.popleft())
+            if entries:
+                with self._lock:
+                    self._rows -= sum(len(e[3]) for e in entries)
+                self._write(entries)
+            self._write_stats()
+            self._retain()
+
+    def _write(
+        self, entries: list[tuple[float, str, tuple[str, ...], np.ndarray, np.ndarray]]
+    ) -> None:
+        groups: dict[tuple[str, tuple[str, ...]], list[Entry]] = {}
+        for entry in entries:
+            hour = datetime.fromtimestamp(entry[0], UTC).strftime("date=%Y-%m-%d/hour=%H")
+            groups.setdefault((hour, entry[2]), []).append(entry)
+        for (hour, columns), group in groups.items():
+            frame = _frame(self.version, columns, group)
+            folder = self.folder / hour
+            folder.mkdir(parents=True, exist_ok=True)
+            self._sequence += 1
+            path = folder / f"{self._name}-{self._sequence:06d}.parquet"
+            tmp = folder / f".{path.name}.tmp"
+            frame.to_parquet(tmp, index=False)
+            tmp.replace(path)
+            self.written += len(frame)
+
+    def _write_stats(self) -> None:
+        stats = {"pid": os.getpid(), "written_rows": self.written, "dropped_rows": self.dropped,
+                 "model_version": self.version, "at": time.time()}  # fmt: skip
+        path = self.folder / STATS / f"{self._name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stats))
+        tmp.replace(path)
+
+    def _retain(self) -> None:
+        """Delete the oldest files while the log is larger than `max_bytes`."""
+        files = sorted(
+            (p for p in self.folder.glob("date=*/hour=*/*.parquet")),
+            key=lambda p: (p.parent.parent.name, p.parent.name, p.stat().st_mtime),
+        )
+        total = sum(p.stat().st_size for p in files)
+        for path in files:
+            if total <= self.settings.max_bytes:
+                break
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)
+
+
+def _frame(version: str, columns: tuple[str, ...], group: list[Entry]) -> pd.DataFrame:
+    counts = [len(entry[3]) for entry in group]
+    values = np.concatenate([entry[3] for entry in group])
+    frame = pd.DataFrame(values, columns=list(columns))
+    predicted = np.concatenate([entry[4].reshape(len(entry[3]), -1) for entry in group])
+    head = pd.DataFrame(
+        {
+            "ts": pd.to_datetime(np.repeat([e[0] for e in group], counts), unit="s", utc=True),
+            "model_version": version,
+            "request_id": np.repeat([e[1] for e in group], counts),
+            "row": np.concatenate([np.arange(n) for n in counts]),
+        }
+    )
+    if predicted.shape[1] == 1:
+        outputs = pd.DataFrame({"prediction": predicted[:, 0]})
+    else:
+        outputs = pd.DataFrame(
+            predicted, columns=[f"prediction_{i}" for i in range(predicted.shape[1])]
+        )
+    return pd.concat([head, frame, outputs], axis=1)
+
+
+def read_stats(runtime: Path) -> dict[str, int]:
+    """Rows written and dropped, summed over the server's workers (past ones included)."""
+    total = {"written_rows": 0, "dropped_rows": 0}
+    for path in (runtime / FOLDER / STATS).glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for key in total:
+            total[key] += int(data.get(key, 0))
+    return total
+
+
+def read_log(runtime: Path | str, since: datetime | None = None) -> pd.DataFrame:
+    """Every logged row of a server (or since `since`), oldest first; empty if none."""
+    folder = Path(runtime) / FOLDER
+    files = sorted(folder.glob("date=*/hour=*/*.parquet"))
+    if since is not None:
+        since = since if since.tzinfo else since.replace(tzinfo=UTC)
+        floor = since.astimezone(UTC).strftime("date=%Y-%m-%d/hour=%H")
+        files = [p for p in files if f"{p.parent.parent.name}/{p.parent.name}" >= floor]
+    if not files:
+        return pd.DataFrame()
+    frame = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+    if since is not None:
+        frame = frame[frame["ts"] >= pd.Timestamp(since.astimezone(UTC))]
+    return frame.sort_values(["ts", "request_id", "row"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,141 @@
+"""The prediction log of a real local model server: what it scored, by request id, as Parquet
+under its runtime folder; never what it refused, never headers; a burst beyond the buffer is
+dropped and counted without slowing a request; a killed worker leaves every file readable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import psutil
+import pytest
+
+from blocks import MLflowModelDeployer
+from ctcd.serving.loadgen import Load
+from ctcd.serving.predlog import read_log
+
+JSON = {"Content-Type": "application/json"}
+SECRET = "Bearer do-not-log-this-token-7f3a"
+
+
+def _example(record) -> dict:
+    folder = Path(record.runtime_dir, "models", record.model_version)
+    return json.loads((folder / "serving_input_example.json").read_text())
+
+
+def _wait_rows(deployer, record, rows: int, timeout: float = 20) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = deployer.get_model_server(record.uuid).prediction_log_rows
+        if seen.get("written_rows", 0) + seen.get("dropped_rows", 0) >= rows:
+            return seen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the log holds {seen} after {timeout} s; expected {rows} rows")
+        time.sleep(0.2)
+
+
+def test_served_requests_are_logged_by_request_id(versions, ctcd_home):
+    deployer = MLflowModelDeployer(log_flush_s=0.5)
+    record = deployer.deploy_model(versions["good"])
+    try:
+        example = _example(record)
+        columns, data = example["dataframe_split"]["columns"], example["dataframe_split"]["data"]
+        sent: dict[str, list[list[float]]] = {}
+        answers: dict[str, list[float]] = {}
+        with httpx.Client(timeout=30) as client:
+            for i in range(8):
+                rows = data[: 1 + i % 3]
+                body = {"dataframe_split": {"columns": columns, "data": rows}}
+                headers = JSON | ({"X-Request-ID": f"req-{i}"} if i % 2 == 0 else {})
+                headers["Authorization"] = SECRET
+                response = client.post(record.prediction_url, json=body, headers=headers)
+                assert response.status_code == 200
+                rid = response.headers["x-request-id"]
+                assert rid == f"req-{i}" if i % 2 == 0 else len(rid) == 32
+                sent[rid], answers[rid] = rows, response.json()["predictions"]
+            # MLflow's route (records, not split) is logged too
+            records = [dict(zip(columns, row, strict=True)) for row in data[:2]]
+            response = client.post(
+                record.prediction_url,
+                json={"dataframe_records": records},
+                headers=JSON | {"X-Request-ID": "records-1"},
+            )
+            assert response.status_code == 200 and response.headers["x-request-id"] == "records-1"
+            sent["records-1"], answers["records-1"] = data[:2], response.json()["predictions"]
+            refused = client.post(
+                record.prediction_url,
+                json={"dataframe_split": {"columns": ["nope"], "data": [[1]]}},
+                headers=JSON | {"X-Request-ID": "refused-1", "Authorization": SECRET},
+            )
+            assert refused.status_code == 400
+        total = sum(len(rows) for rows in sent.values())
+        assert _wait_rows(deployer, record, total) == {"written_rows": total, "dropped_rows": 0}
+
+        log = read_log(record.runtime_dir)
+        assert set(log["request_id"]) == set(sent)  # the refused request is not there
+        assert set(log["model_version"]) == {record.model_version}
+        for rid, rows in sent.items():
+            mine = log[log["request_id"] == rid].sort_values("row")
+            assert mine[columns].to_numpy().tolist() == pd.DataFrame(rows).to_numpy().tolist()
+            assert mine["prediction"].tolist() == answers[rid]
+        files = list(Path(str(record.prediction_log_dir)).rglob("*.parquet"))
+        assert files and all(f.parent.name.startswith("hour=") for f in files)
+        everything = b"".join(f.read_bytes() for f in Path(str(record.runtime_dir)).rglob("*")
+                              if f.is_file() and f.name != "server.log")  # fmt: skip
+        assert b"do-not-log-this-token" not in everything
+        assert b"refused-1" not in everything
+    finally:
+        deployer.delete_model_server(record.uuid)
+
+
+def test_a_burst_beyond_the_buffer_is_dropped_and_counted_not_waited_for(versions, ctcd_home):
+    deployer = MLflowModelDeployer(log_buffer_rows=20, log_flush_s=5)
+    record = deployer.deploy_model(versions["good"])
+    try:
+        example = _example(record)
+        example["dataframe_split"]["data"] = example["dataframe_split"]["data"][:1]
+        body = json.dumps(example).encode()
+        with Load(record.prediction_url, body, clients=4) as load:
+            while load.stats.requests < 200:
+                time.sleep(0.05)
+        stats = load.stats
+        assert stats.failed == 0
+        assert stats.longest < 1.0, f"a request took {stats.longest:.2f} s"
+        seen = _wait_rows(deployer, record, stats.requests, timeout=30)
+        assert seen["written_rows"] + seen["dropped_rows"] == stats.requests
+        assert 0 < seen["written_rows"] <= 40 and seen["dropped_rows"] >= stats.requests - 40
+    finally:
+        deployer.delete_model_server(record.uuid)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_swap_and_a_killed_worker_leave_a_readable_log_of_both_versions(versions, ctcd_home):
+    deployer = MLflowModelDeployer(workers=2, log_flush_s=0.3)
+    record = deployer.deploy_model(versions["good"])
+    try:
+        example = _example(record)
+        example["dataframe_split"]["data"] = example["dataframe_split"]["data"][:2]
+        body = json.dumps(example).encode()
+        with Load(record.prediction_url, body, clients=3) as load:
+            time.sleep(1.5)
+            record = deployer.deploy_model(versions["better"])
+            time.sleep(1.0)
+            victim = psutil.Process(record.pid).children()[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            time.sleep(2.0)
+        assert load.stats.requests > 50
+        time.sleep(1.0)  # the surviving workers' next flush
+        folder = Path(str(record.prediction_log_dir))
+        for path in folder.rglob("*.parquet"):
+            pd.read_parquet(path)  # every file written is whole
+        log = read_log(record.runtime_dir)
+        assert set(log["model_version"]) == {versions["good"].model_version,
+                                             versions["better"].model_version}  # fmt: skip
+        assert log.groupby("request_id")["row"].count().eq(2).all()
+    finally:
+        deployer.delete_model_server(record.uuid)
