@@ -87,3 +87,73 @@ def test_drift_monitor_end_to_end(small_csv, model_name, ctcd_home, tmp_path: Pa
             time.sleep(0.2)
     assert len(events) == 1
     assert events[0].payload["drifted_features"] == ["price"]
+
+
+def _serve(service, frame: pd.DataFrame, per_request: int = 25) -> None:
+    for start in range(0, len(frame), per_request):
+        service.predict(frame.iloc[start : start + per_request])
+
+
+def _logged(model_name: str, rows: int) -> None:
+    from blocks.lookup import find_service
+
+    for _ in range(100):  # the workers write their buffers every 2 s
+        if find_service(model_name).prediction_log_rows.get("written_rows", 0) >= rows:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the prediction log did not reach {rows} rows")
+
+
+def _drift_events(model_name: str) -> list:
+    resource = EventResourceFilter(id=[f"ctcd.model.{model_name}"])
+    wanted = EventFilter(event=EventNameFilter(name=[DRIFT_EVENT]), resource=resource)
+    with get_client(sync_client=True) as client:
+        return client.read_events(filter=wanted, limit=10).events
+
+
+def test_drift_monitor_on_what_the_server_served(small_csv, model_name, ctcd_home) -> None:
+    """No data_path: the monitor reads the running server's prediction log of the window,
+    compares its features and its predictions with the champion's reference, says when the
+    window holds too few rows (and emits nothing), and names the shifted feature."""
+    from blocks.lookup import find_service
+    from flows.data import feature_frame
+
+    continuous_deployment_pipeline(data_path=small_csv, model_name=model_name, model_type="linear")
+    service = find_service(model_name)
+    _serve(service, feature_frame(generate(600, seed=21), "review_score"))
+    _logged(model_name, 600)
+
+    few = drift_monitor(model_name=model_name, window="1h", min_rows=5_000)
+    assert few.too_few_rows and few.rows == 600 and not few.features
+    calm = drift_monitor(model_name=model_name, window="1h", min_rows=300)
+    assert calm.rows == 600 and "served" in calm.source
+    assert not calm.drifted, (calm.drifted_features, calm.output)
+    assert calm.output is not None and calm.output.feature == "prediction"
+    time.sleep(1.0)
+    assert _drift_events(model_name) == []  # neither a small window nor calm traffic emits
+
+    shifted = feature_frame(generate(1_200, seed=22), "review_score").assign(
+        price=lambda f: f["price"] * 4
+    )
+    _serve(service, shifted)
+    _logged(model_name, 1_800)
+    report = drift_monitor(model_name=model_name, window="1h", min_rows=300)
+    assert report.rows == 1_800
+    assert "price" in report.drifted_features
+    assert report.output is not None and report.output.drifted  # a linear model: price moves it
+    events = []
+    for _ in range(50):
+        if events := _drift_events(model_name):
+            break
+        time.sleep(0.2)
+    assert len(events) == 1 and events[0].payload["output_drift"] is True
+    assert "price" in events[0].payload["drifted_features"]
+
+
+def test_a_window_must_be_a_duration() -> None:
+    from flows.drift import parse_window
+
+    assert parse_window("24h").total_seconds() == 86_400
+    assert parse_window("90s").total_seconds() == 90
+    with pytest.raises(ValueError, match="e.g. '24h'"):
+        parse_window("yesterday")
