@@ -162,6 +162,7 @@ def test_make_deploy_creates_every_deployment_schedule_and_trigger(deployed) -> 
         "train-and-deploy",
         "batch-inference",
         "drift-monitor",
+        "record-outcomes",
         "continuous-training-kubernetes",
     }
     assert pools["ctcd-process"].type == "process"
@@ -269,7 +270,7 @@ def test_make_deploy_refuses_bad_input_before_applying_anything(deployed, tmp_pa
     with _api(server) as client:
         assert "gpu-pool" not in {p.name for p in client.read_work_pools()}
     before = _deployments(server)
-    assert len(before) == 6
+    assert len(before) == 7
 
     text = (ROOT / "prefect.yaml").read_text()
     for old, new, words in [
@@ -302,6 +303,7 @@ def test_serve_builds_the_same_deployments_from_prefect_yaml() -> None:
         "train-and-deploy",
         "batch-inference",
         "drift-monitor",
+        "record-outcomes",
     }
     interval = built["continuous-training"].schedules[0].schedule.interval
     assert interval.total_seconds() == 14 * 24 * 3600
