@@ -106,7 +106,7 @@ def judge(live: float, offline: float, metric: str, margin: float) -> tuple[bool
 
 @ctcd_flow(name="record-outcomes", log_prints=True)
 def record_outcomes(
-    data_path: str,
+    data_path: str | None = None,
     key: str = "request_id",
     model_name: str = "customer-satisfaction",
     target: str = "review_score",
@@ -120,6 +120,12 @@ def record_outcomes(
     """Join the labels at `data_path` to the predictions the model's running server logged in
     the last `window`; report the live error beside the champion's offline one and, when it is
     worse by more than `margin`, emit `ctcd.performance.degraded`."""
+    if data_path is None:
+        raise DataError(
+            "record_outcomes needs data_path: the table (CSV or Parquet) of labels with the "
+            f"'{key}' each prediction was answered with, e.g. `prefect deployment run "
+            "record-outcomes/record-outcomes --param data_path=reviews.csv`."
+        )
     if metric not in HIGHER_IS_WORSE:
         raise ValueError(f"metric must be one of {', '.join(HIGHER_IS_WORSE)}, not {metric!r}")
     path = Path(data_path).expanduser()

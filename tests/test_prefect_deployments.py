@@ -189,7 +189,29 @@ def _completed_runs(env: dict[str, str], deployment: str) -> list[Any]:
         return client.read_flow_runs(flow_run_filter=completed, deployment_filter=names)
 
 
-def test_training_triggers_deployment_and_drift_triggers_training(deployed, small_csv, tmp_path):
+def _bodies(frame: Any, rows: int = 10) -> list[bytes]:
+    """Scoring bodies of `rows` rows each, covering `frame`."""
+    import json
+
+    return [
+        json.dumps(
+            {"dataframe_split": json.loads(part.to_json(orient="split", index=False))}
+        ).encode()
+        for part in (frame.iloc[i : i + rows] for i in range(0, len(frame), rows))
+    ]
+
+
+def test_the_loop_from_served_traffic_to_a_new_version(deployed, small_csv, tmp_path):
+    """The whole loop on a real Prefect server, a real process worker and a real local model
+    server: training deploys v1; a client's traffic (with request ids) shifts halfway; the
+    drift monitor, run from its deployment on the served log, emits the event; the trigger
+    trains on the newer data and continuous deployment swaps in v2. The client sees no failed
+    request from start to end, and the log shows both versions."""
+    from ctcd.sample import generate
+    from ctcd.serving.loadgen import Load
+    from ctcd.serving.predlog import read_log
+    from flows.data import feature_frame
+
     env = {
         **deployed,
         "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -202,6 +224,10 @@ def test_training_triggers_deployment_and_drift_triggers_training(deployed, smal
         tmp_path / "worker.log",
     )
     deployer = MLflowModelDeployer(root_dir=str(tmp_path / "home" / "servers"))
+    newer = generate(2_000, seed=41).assign(price=lambda f: f["price"] * 4)
+    newer_csv = tmp_path / "newer.csv"
+    newer.to_csv(newer_csv, index=False)
+    load = None
     try:
         with _api(env) as client:
             training = client.read_deployment_by_name("training-pipeline/continuous-training")
@@ -211,21 +237,48 @@ def test_training_triggers_deployment_and_drift_triggers_training(deployed, smal
         [first] = deployer.find_model_server()
         assert first.status.value == "active" and first.model_version == "1"
 
-        # Drift: the event names the model; the trigger runs continuous-training, whose
-        # completion triggers the deploy again (same data: a tie, so version 2 is served).
-        with _api(env) as client:
-            client.update_deployment(training.id, DeploymentUpdate(parameters=params))
-        emit = (
-            "from prefect.events import emit_event; emit_event(event='ctcd.drift.detected', "
-            "resource={'prefect.resource.id': 'ctcd.model.customer-satisfaction'}, "
-            "payload={'drifted_features': ['price']})"
+        steady = _bodies(feature_frame(generate(1_000, seed=40), "review_score"))
+        shifted = _bodies(feature_frame(newer, "review_score"))
+        load = Load(first.prediction_url, steady, clients=2, request_ids="loop-").__enter__()
+        _wait(lambda: load.stats.requests >= 100, 60, "steady traffic")
+        load.bodies = shifted  # the customers changed: prices are four times what they were
+        _wait(lambda: load.stats.requests >= 250, 60, "shifted traffic")
+        _wait(
+            lambda: (
+                deployer.get_model_server(first.uuid).prediction_log_rows["written_rows"] >= 2_000
+            ),
+            30,
+            "the prediction log",
         )
-        subprocess.run([sys.executable, "-c", emit], env=env, check=True, timeout=60)
-        _wait(lambda: len(_completed_runs(env, "continuous-deployment")) >= 2, 180, "drift chain")
+
+        with _api(env) as client:  # retraining will use the newer data
+            client.update_deployment(
+                training.id, DeploymentUpdate(parameters={**params, "data_path": str(newer_csv)})
+            )
+            monitor = client.read_deployment_by_name("drift-monitor/drift-monitor")
+            client.create_flow_run_from_deployment(
+                monitor.id, parameters={"window": "1h", "min_rows": 200}
+            )
+        _wait(lambda: _completed_runs(env, "drift-monitor"), 180, "the drift monitor")
+        _wait(lambda: len(_completed_runs(env, "continuous-deployment")) >= 2, 240, "the loop")
+        _wait(lambda: deployer.get_model_server(first.uuid).status.value == "active", 60, "v2")
+        time.sleep(3)  # traffic on v2
+        load.__exit__(None, None, None)
+        stats, load = load.stats, None
+        assert stats.failed == 0, (stats.errors, stats.resets)
         [served] = deployer.find_model_server()
         assert served.model_version == "2" and served.uuid == first.uuid
         assert len(_completed_runs(env, "continuous-training")) == 2
+        _wait(
+            lambda: set(read_log(served.runtime_dir)["model_version"]) == {"1", "2"},
+            30,
+            "both versions in the log",
+        )
+        log = read_log(served.runtime_dir)
+        assert log["request_id"].str.startswith("loop-").all()
     finally:
+        if load is not None:
+            load.__exit__(None, None, None)
         stop_group(worker)
         for record in deployer.find_model_server():
             deployer.delete_model_server(record.uuid)

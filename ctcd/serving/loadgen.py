@@ -60,15 +60,24 @@ def _predictions_ok(response: httpx.Response, rows: int) -> str:
 
 
 class Load:
-    """`with Load(url, body, clients=4) as load: ...` then read `load.stats`."""
+    """`with Load(url, body, clients=4) as load: ...` then read `load.stats`.
 
-    def __init__(self, url: str, body: bytes, clients: int = 1):
-        self.url, self.body, self.clients = url, body, clients
-        self.rows = rows_in(body)
+    `body` may be a list of bodies: each client cycles through it, and assigning
+    `load.bodies` mid-run changes what the clients send next (e.g. a distribution shift).
+    With `request_ids`, every request carries an `X-Request-ID` (`<prefix><client>-<n>`)."""
+
+    def __init__(
+        self, url: str, body: bytes | list[bytes], clients: int = 1, request_ids: str = ""
+    ):
+        self.url, self.clients, self.request_ids = url, clients, request_ids
+        self.bodies = [body] if isinstance(body, bytes) else list(body)
         self.stats = LoadStats()
+        self._rows: dict[bytes, int] = {}  # predictions expected per body
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)
+        ]
 
     def __enter__(self) -> Load:
         for thread in self._threads:
@@ -80,25 +89,38 @@ class Load:
         for thread in self._threads:
             thread.join(30)
 
-    def _send(self, client: httpx.Client) -> tuple[bool, bool, str]:
+    def _send(
+        self, client: httpx.Client, body: bytes, headers: dict[str, str]
+    ) -> tuple[bool, bool, str]:
         """(ok, was_reset, error)"""
         for attempt in (1, 2):
             try:
-                response = client.post(self.url, content=self.body)
+                response = client.post(self.url, content=body, headers=headers)
             except httpx.TransportError as err:
                 if attempt == 2:
                     return False, True, type(err).__name__
                 continue
-            error = _predictions_ok(response, self.rows)
+            if body not in self._rows:
+                self._rows[body] = rows_in(body)
+            error = _predictions_ok(response, self._rows[body])
             return not error, attempt == 2, error
         return False, True, "unreachable"
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         headers = {"Content-Type": "application/json"}
+        sent = 0
         with httpx.Client(headers=headers, timeout=30) as client:
             while not self._stop.is_set():
+                bodies = self.bodies
+                body = bodies[(sent * self.clients + index) % len(bodies)]
+                extra = (
+                    {"X-Request-ID": f"{self.request_ids}{index}-{sent}"}
+                    if self.request_ids
+                    else {}
+                )
+                sent += 1
                 start = time.perf_counter()
-                ok, reset, error = self._send(client)
+                ok, reset, error = self._send(client, body, extra)
                 elapsed = time.perf_counter() - start
                 with self._lock:
                     self.stats.requests += 1
