@@ -4,6 +4,7 @@ micro-batching, `mlflow models serve`, MLServer with adaptive batching, and the 
     bash bench/mlserver_setup.sh                      # once: MLServer in a venv of its own
     .venv/bin/python bench/serving.py [--models random_forest linear] [--seconds 4]
                                       [--workers 1 2] [--clients 1 4 16] [--no-mlserver]
+                                      [--peers "ctcd" "ctcd no log" ...]
 
 For each model (trained on the 115,609-row sample: random forest 100 trees depth 12, and the
 linear model), each server is started with 1 and then 2 workers and loaded by `httpload.py`, a
@@ -13,7 +14,8 @@ bodies). Only answers with one prediction per row sent count. Peers:
 - `ctcd before`: ctcd's server as it was before micro-batching: every request scored alone,
   the model's own threading (the forest's `n_jobs=-1`): `max_batch_size=1, model_threads=0`.
 - `ctcd`: the defaults (batching up to 256 rows, no batch wait, 1 model thread per worker;
-  forests scored tree by tree without joblib, `ctcd.serving.forest`).
+  forests scored tree by tree without joblib, `ctcd.serving.forest`; the prediction log on).
+- `ctcd no log`: the same with `prediction_log=False`, for the log's cost.
 - `mlflow`: `mlflow models serve --workers N` (uvicorn).
 - `mlserver`: MLServer 1.7.1's MLflow runtime, `parallel_workers=N`, adaptive batching
   (`max_batch_size` 256, `max_batch_time` 2 ms), V2 protocol bodies.
@@ -47,7 +49,7 @@ MLSERVER_VENV = Path(
 )
 MLSERVER_BATCH_SIZE = 256  # requests (MLServer counts requests, not rows)
 MLSERVER_BATCH_TIME_S = 0.002
-PEERS = ("ctcd before", "ctcd", "mlflow", "mlserver")
+PEERS = ("ctcd before", "ctcd", "ctcd no log", "mlflow", "mlserver")
 
 
 # -- servers ------------------------------------------------------------------------------
@@ -94,10 +96,13 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-def start_ctcd(config: Any, workers: int, before: bool) -> Server:
+def start_ctcd(config: Any, workers: int, peer: str) -> Server:
     from blocks import MLflowModelDeployer
 
-    settings = {"max_batch_size": 1, "model_threads": 0} if before else {}
+    settings: dict[str, Any] = {
+        "ctcd before": {"max_batch_size": 1, "model_threads": 0, "prediction_log": False},
+        "ctcd no log": {"prediction_log": False},
+    }.get(peer, {})
     deployer = MLflowModelDeployer(workers=workers, **settings)
     record = deployer.deploy_model(config)
     return Server(
@@ -230,7 +235,7 @@ def bench_model(model_type: str, args: argparse.Namespace, work: Path) -> dict[s
         f"{k} {v:.2f}" for k, v in result["in_process_ms"].items()))  # fmt: skip
     runs: list[dict[str, Any]] = []
     memory: list[dict[str, Any]] = []
-    peers = [p for p in PEERS if p != "mlserver" or args.mlserver]
+    peers = [p for p in args.peers if p != "mlserver" or args.mlserver]
     for workers in args.workers:
         for peer in peers:
             if peer == "mlserver":
@@ -238,7 +243,7 @@ def bench_model(model_type: str, args: argparse.Namespace, work: Path) -> dict[s
             elif peer == "mlflow":
                 server = start_mlflow(model_dir, workers)
             else:
-                server = start_ctcd(config, workers, before=peer == "ctcd before")
+                server = start_ctcd(config, workers, peer)
             try:
                 time.sleep(2)
                 idle = server.memory()
@@ -299,6 +304,12 @@ def goals(model_type: str, result: dict[str, Any]) -> None:
         if ms:
             line += f", {many['req_s'] / ms['req_s']:.2f}x MLServer's (goal >= 1x)"
         print(line)
+    on = _find(runs, peer="ctcd", workers=1, clients=1, rows=1)
+    off = _find(runs, peer="ctcd no log", workers=1, clients=1, rows=1)
+    if on and off:
+        cost = 1 - on["req_s"] / off["req_s"]
+        print(f"  prediction log, 1 worker, 1 client: {on['req_s']:.0f} vs {off['req_s']:.0f} "
+              f"req/s without = {cost:+.1%} cost (goal <= 5 %)")  # fmt: skip
     mem = {(m["peer"], m["workers"]): m for m in result["memory"]}
     if ("ctcd", 1) in mem and ("mlflow", 1) in mem:
         ours, their = mem[("ctcd", 1)]["idle"], mem[("mlflow", 1)]["idle"]
@@ -317,8 +328,10 @@ def main() -> None:
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--no-mlserver", dest="mlserver", action="store_false")
+    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     parser.add_argument("--out", default="serving-results.json")
     args = parser.parse_args()
+    args.mlserver = args.mlserver and "mlserver" in args.peers
     if args.mlserver and not (MLSERVER_VENV / "bin" / "mlserver").exists():
         sys.exit(
             f"No MLServer venv at {MLSERVER_VENV}: bash bench/mlserver_setup.sh (or --no-mlserver)"
