@@ -139,3 +139,36 @@ def test_swap_and_a_killed_worker_leave_a_readable_log_of_both_versions(versions
         assert log.groupby("request_id")["row"].count().eq(2).all()
     finally:
         deployer.delete_model_server(record.uuid)
+
+
+def test_retention_and_sampling(tmp_path: Path) -> None:
+    """In process (no server): `max_log_bytes` deletes the oldest files first; `sample_rate`
+    keeps about that share of requests; a log switched off writes nothing."""
+    from ctcd.serving.predlog import LogSettings, PredictionLog, read_stats
+
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]})
+    log = PredictionLog(tmp_path, "7", LogSettings(max_bytes=20_000, flush_s=3600))
+    for i in range(40):
+        for j in range(20):
+            log.record(f"r{i}-{j}", frame, [0.5, 0.6])
+        log.flush()
+        time.sleep(0.01)  # distinct modification times
+    log.close()
+    files = sorted((tmp_path / "predictions").rglob("*.parquet"))
+    assert 0 < sum(f.stat().st_size for f in files) <= 20_000
+    assert len(files) < 40  # the oldest went
+    kept = read_log(tmp_path)
+    assert kept["request_id"].iloc[-1] == "r39-19" and "r0-0" not in set(kept["request_id"])
+    assert read_stats(tmp_path)["written_rows"] == 40 * 20 * 2
+
+    sampled = PredictionLog(tmp_path / "s", "7", LogSettings(sample_rate=0.25, flush_s=3600))
+    for i in range(2_000):
+        sampled.record(f"s{i}", frame, [0.5, 0.6])
+    sampled.close()
+    share = len(read_log(tmp_path / "s")) / (2 * 2_000)
+    assert 0.18 < share < 0.32, share
+
+    off = PredictionLog(tmp_path / "off", "7", LogSettings(enabled=False))
+    off.record("x", frame, [0.5, 0.6])
+    off.close()
+    assert not (tmp_path / "off").exists()
