@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import psutil
-import pytest
 
 from blocks import MLflowModelDeployer
 from ctcd.serving.loadgen import Load
@@ -26,6 +25,13 @@ SECRET = "Bearer do-not-log-this-token-7f3a"
 def _example(record) -> dict:
     folder = Path(record.runtime_dir, "models", record.model_version)
     return json.loads((folder / "serving_input_example.json").read_text())
+
+
+def _body(record, rows: int) -> bytes:
+    """The first `rows` rows of the served version's input example, as a request body."""
+    example = _example(record)
+    example["dataframe_split"]["data"] = example["dataframe_split"]["data"][:rows]
+    return json.dumps(example).encode()
 
 
 def _wait_rows(deployer, record, rows: int, timeout: float = 20) -> dict[str, int]:
@@ -97,10 +103,7 @@ def test_a_burst_beyond_the_buffer_is_dropped_and_counted_not_waited_for(version
     deployer = MLflowModelDeployer(log_buffer_rows=20, log_flush_s=5)
     record = deployer.deploy_model(versions["good"])
     try:
-        example = _example(record)
-        example["dataframe_split"]["data"] = example["dataframe_split"]["data"][:1]
-        body = json.dumps(example).encode()
-        with Load(record.prediction_url, body, clients=4) as load:
+        with Load(record.prediction_url, _body(record, 1), clients=4) as load:
             while load.stats.requests < 200:
                 time.sleep(0.05)
         stats = load.stats
@@ -113,15 +116,11 @@ def test_a_burst_beyond_the_buffer_is_dropped_and_counted_not_waited_for(version
         deployer.delete_model_server(record.uuid)
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_swap_and_a_killed_worker_leave_a_readable_log_of_both_versions(versions, ctcd_home):
     deployer = MLflowModelDeployer(workers=2, log_flush_s=0.3)
     record = deployer.deploy_model(versions["good"])
     try:
-        example = _example(record)
-        example["dataframe_split"]["data"] = example["dataframe_split"]["data"][:2]
-        body = json.dumps(example).encode()
-        with Load(record.prediction_url, body, clients=3) as load:
+        with Load(record.prediction_url, _body(record, 2), clients=3) as load:
             time.sleep(1.5)
             record = deployer.deploy_model(versions["better"])
             time.sleep(1.0)

@@ -15,6 +15,7 @@ request, and concurrent requests' rows are scored together in one `predict` call
 model's threading is set here, in memory (the registered artifact is unchanged): scikit-learn's
 `n_jobs` and the BLAS/OpenMP pools get `CTCD_MODEL_THREADS` threads (default 1), so a
 single-row call starts no thread pool and the workers, not the model's threads, use the cores.
+What a worker answers is recorded in the server's prediction log (`ctcd.serving.predlog`).
 """
 
 from __future__ import annotations

@@ -141,15 +141,20 @@ class PredictionLog:
 
     # -- the writer thread ----------------------------------------------------------------
     def _run(self) -> None:
+        retained = time.monotonic()
         while not self._stop.wait(self.settings.flush_s):
-            self.flush()
+            # Retention lists every file of the log: about once a minute is enough.
+            due = time.monotonic() - retained >= 60
+            self.flush(retain=due)
+            retained = time.monotonic() if due else retained
 
     def close(self) -> None:
         """Write what is buffered and stop the writer (a worker leaving)."""
         self._stop.set()
         self.flush()
 
-    def flush(self) -> None:
+    def flush(self, retain: bool = True) -> None:
+        """Write what is buffered (and, with `retain`, apply `max_bytes`)."""
         if not self.settings.enabled:
             return
         with self._flushing:
@@ -161,7 +166,8 @@ class PredictionLog:
                     self._rows -= sum(len(e[3]) for e in entries)
                 self._write(entries)
             self._write_stats()
-            self._retain()
+            if retain:
+                self._retain()
 
     def _write(
         self, entries: list[tuple[float, str, tuple[str, ...], np.ndarray, np.ndarray]]
