@@ -176,8 +176,11 @@ def test_make_deploy_creates_every_deployment_schedule_and_trigger(deployed) -> 
     criteria = schema["definitions"]["DeploymentCriteria"]["properties"]  # the UI's form fields
     assert criteria["metric"]["enum"] == ["mse", "rmse", "mae", "r2"]
     assert {"threshold", "must_beat_champion"} <= set(criteria)
-    expects = sorted(next(iter(a.trigger.expect)) for a in automations)
-    assert expects == ["ctcd.drift.detected", "prefect.flow-run.Completed"]
+    expects = sorted(sorted(a.trigger.expect) for a in automations)  # `expect` is a set
+    assert expects == [
+        ["ctcd.drift.detected", "ctcd.performance.degraded"],  # retraining
+        ["prefect.flow-run.Completed"],  # deploying what training registered
+    ]
 
 
 def _completed_runs(env: dict[str, str], deployment: str) -> list[Any]:
