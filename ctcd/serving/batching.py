@@ -108,7 +108,7 @@ class BatchingModel:
         meta: Any = model.metadata
         self.input_schema = meta.get_input_schema()
         self.params_schema = meta.get_params_schema()
-        # Only plain signature-checked tabular models are batched (see `_batchable`).
+        # Only plain signature-checked tabular models are batched; others go to MLflow as is.
         self.enabled = (
             self.settings.max_batch_size > 1
             and self.input_schema is not None
@@ -119,7 +119,6 @@ class BatchingModel:
         estimator = getattr(model._model_impl, "sklearn_model", None)
         direct = direct_predict(estimator) if estimator is not None else None
         self._predict: Callable[[pd.DataFrame], Any] = direct or model._predict_fn
-        self.direct = direct is not None
         self._waiting: deque[_Request] = deque()
         self._ready = threading.Condition()
         self.batches = 0  # predict calls made by the scoring thread

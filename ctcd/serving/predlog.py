@@ -21,6 +21,7 @@ the deploy's own check of a new server (its request id starts with `ctcd-probe-`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -169,16 +170,15 @@ class PredictionLog:
             if retain:
                 self._retain()
 
-    def _write(
-        self, entries: list[tuple[float, str, tuple[str, ...], np.ndarray, np.ndarray]]
-    ) -> None:
-        groups: dict[tuple[str, tuple[str, ...]], list[Entry]] = {}
-        for entry in entries:
-            hour = datetime.fromtimestamp(entry[0], UTC).strftime("date=%Y-%m-%d/hour=%H")
-            groups.setdefault((hour, entry[2]), []).append(entry)
+    def _write(self, entries: list[Entry]) -> None:
+        groups: dict[tuple[int, tuple[str, ...]], list[Entry]] = {}
+        for entry in entries:  # by hour (formatted once per group below) and columns
+            groups.setdefault((int(entry[0] // 3600), entry[2]), []).append(entry)
         for (hour, columns), group in groups.items():
             frame = _frame(self.version, columns, group)
-            folder = self.folder / hour
+            folder = self.folder / datetime.fromtimestamp(hour * 3600, UTC).strftime(
+                "date=%Y-%m-%d/hour=%H"
+            )
             folder.mkdir(parents=True, exist_ok=True)
             self._sequence += 1
             path = folder / f"{self._name}-{self._sequence:06d}.parquet"
@@ -197,15 +197,18 @@ class PredictionLog:
 
     def _retain(self) -> None:
         """Delete the oldest files while the log is larger than `max_bytes`."""
-        files = sorted(
-            (p for p in self.folder.glob("date=*/hour=*/*.parquet")),
-            key=lambda p: (p.parent.parent.name, p.parent.name, p.stat().st_mtime),
-        )
-        total = sum(p.stat().st_size for p in files)
-        for path in files:
+        files = []
+        for path in self.folder.glob("date=*/hour=*/*.parquet"):
+            with contextlib.suppress(FileNotFoundError):  # another worker's retention
+                info = path.stat()
+                files.append((path.parent.parent.name, path.parent.name, info.st_mtime,
+                              info.st_size, path))  # fmt: skip
+        files.sort(key=lambda f: f[:3])
+        total = sum(f[3] for f in files)
+        for *_, size, path in files:
             if total <= self.settings.max_bytes:
                 break
-            total -= path.stat().st_size
+            total -= size
             path.unlink(missing_ok=True)
 
 
