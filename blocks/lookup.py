@@ -10,7 +10,8 @@ from blocks.deployer import BaseModelDeployer
 from blocks.mlflow_deployer import MLflowModelDeployer
 from blocks.seldon_deployer import SeldonModelDeployer
 from blocks.service import ServiceRecord
-from ctcd.exceptions import DeployerNotFoundError, ServiceNotFoundError
+from blocks.ui import invalid_saved_block
+from ctcd.exceptions import DeployerNotFoundError, ModelConfigError, ServiceNotFoundError
 
 DEFAULT_PIPELINE = "continuous-deployment-pipeline"
 DEFAULT_STEP = "deploy_model"
@@ -26,6 +27,10 @@ def load_deployer(name: str | None = None) -> BaseModelDeployer:
         return MLflowModelDeployer()
     try:
         block = Block.load(name) if "/" in name else MLflowModelDeployer.load(name)
+    except RuntimeError as err:
+        if (why := invalid_saved_block(err, "deployer block", name)) is None:
+            raise
+        raise ModelConfigError(why) from err
     except ValueError as err:
         raise DeployerNotFoundError(name) from err
     if not isinstance(block, BaseModelDeployer):

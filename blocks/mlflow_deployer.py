@@ -19,6 +19,7 @@ from pydantic import Field, HttpUrl
 from blocks import local_process as lp
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.service import ServiceRecord, ServiceState
+from blocks.ui import logo
 from ctcd.exceptions import ModelLoadError, ModelServerError
 from ctcd.serving import desired as ds
 from ctcd.serving.predlog import read_stats
@@ -72,6 +73,7 @@ class MLflowModelDeployer(BaseModelDeployer):
 
     _block_type_name = "MLflow Model Deployer"
     _block_type_slug = "mlflow-model-deployer"
+    _logo_url = logo("process")
     _description = "Serves registered MLflow model versions from local gunicorn processes."
     # The scoring protocol these servers speak (ctcd's own docs live in its README).
     _documentation_url = HttpUrl("https://mlflow.org/docs/latest/deployment/deploy-model-locally/")

@@ -119,10 +119,13 @@ def _spawn() -> LocalServer:
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     cmd += ["--port", str(port)]
     # `--port` moves the API but not what the UI is told (`/ui-settings`: the configured server
-    # port, 4200 by default), so the UI would call another server or none: tell it.
+    # port, 4200 by default), so the UI would call another server or none: tell it. The UI's
+    # root opens the V1 UI, the one the run links open (and whose block Edit form keeps nested
+    # blocks: see blocks/ui.py); "Switch to V2 UI" is one click away.
     api_url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.update(PREFECT_SERVER_UI_API_URL=api_url, PREFECT_UI_URL=f"http://127.0.0.1:{port}")
+    env.setdefault("PREFECT_SERVER_UI_V2_ENABLED", "false")
     env.pop("PREFECT_API_URL", None)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
