@@ -16,6 +16,8 @@ from flows import continuous_deployment, evaluation
 from flows import model as flows_model
 from tests.conftest import SERVED_MODEL
 
+pytestmark = pytest.mark.server
+
 SCRIPT = str(Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py")
 
 

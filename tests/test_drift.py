@@ -18,6 +18,8 @@ from flows.continuous_deployment import continuous_deployment_pipeline
 from flows.data import Dataset, clean_data
 from flows.drift import DRIFT_EVENT, Reference, compute_drift, drift_monitor, psi
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture(scope="module")
 def reference(small_table) -> Reference:

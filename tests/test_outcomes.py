@@ -20,6 +20,8 @@ from flows.continuous_deployment import continuous_deployment_pipeline
 from flows.data import feature_frame
 from flows.outcomes import DEGRADED_EVENT, record_outcomes
 
+pytestmark = pytest.mark.server
+
 
 def _events(model_name: str) -> list:
     resource = EventResourceFilter(id=[f"ctcd.model.{model_name}"])

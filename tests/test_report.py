@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import mlflow
+import pytest
 from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -18,6 +19,8 @@ from flows.evaluation import plot_evaluation
 from flows.model import FLOW_RUN_TAG, train_model
 from flows.training import training_pipeline
 from tests.conftest import FAST_RF
+
+pytestmark = pytest.mark.server
 
 PLOTS = {"predicted_vs_actual.png", "residuals.png", "feature_importance.png"}
 
