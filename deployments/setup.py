@@ -31,7 +31,7 @@ KUBERNETES_DEFAULTS: dict[str, Any] = {
     "memory_limit": "4Gi",
     "env": {
         "CTCD_HOME": "/var/lib/ctcd",
-        "CTCD_WARM_START": "0",
+        "CTCD_LOCAL_API": "0",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     },
 }
