@@ -48,9 +48,13 @@ def refused(err: Any, deployer: str) -> KubernetesAccessError | None:
     if part["name"]:
         what += f' named "{part["name"]}"'
     return KubernetesAccessError(
-        f"{part['user']} {what} {where}", _fix(deployer, part),
-        part["verb"], part["resource"], group, part["namespace"] or "",
-    )  # fmt: skip
+        f"{part['user']} {what} {where}",
+        _fix(deployer, part),
+        part["verb"],
+        part["resource"],
+        group,
+        part["namespace"] or "",
+    )
 
 
 def _message(err: Any) -> str:

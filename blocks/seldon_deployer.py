@@ -14,8 +14,8 @@ from prefect_kubernetes.credentials import KubernetesClusterConfig
 from pydantic import Field, HttpUrl
 
 from blocks import seldon_manifest as sm
-from blocks.kube_errors import refused
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
+from blocks.kube_errors import refused
 from blocks.object_store import ObjectStoreCredentials
 from blocks.seldon_kube import SeldonFailed, Session, session
 from blocks.service import ServiceRecord, ServiceState

@@ -170,8 +170,13 @@ class KubernetesAccessError(CtcdError, PermissionError):
     `namespace` hold what was refused (empty when the server did not say)."""
 
     def __init__(
-        self, refused: str, fix: str, verb: str = "", resource: str = "", group: str = "",
+        self,
+        refused: str,
+        fix: str,
+        verb: str = "",
+        resource: str = "",
+        group: str = "",
         namespace: str = "",
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.verb, self.resource, self.group, self.namespace = verb, resource, group, namespace
         super().__init__(f"Kubernetes refused {refused}. {fix}")

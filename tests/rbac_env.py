@@ -52,8 +52,10 @@ def kubectl_apply(kubeconfig: Path, folder: Path) -> str:
     """`kubectl apply -k FOLDER`, as README says; returns its output."""
     done = subprocess.run(
         ["kubectl", "--kubeconfig", str(kubeconfig), "apply", "-k", str(folder)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -67,11 +69,13 @@ def token_kubeconfig(kube: httpx.Client, api: Any, namespace: str, account: str)
     assert answer.status_code == 201, answer.text
     cluster = {"server": api.url, "certificate-authority": str(api.pki / "ca.crt")}
     return {
-        "apiVersion": "v1", "kind": "Config", "current-context": account,
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": account,
         "clusters": [{"name": "test", "cluster": cluster}],
         "users": [{"name": account, "user": {"token": answer.json()["status"]["token"]}}],
         "contexts": [{"name": account, "context": {"cluster": "test", "user": account}}],
-    }  # fmt: skip
+    }
 
 
 def role_url(namespace: str, name: str) -> str:
@@ -113,17 +117,34 @@ def _key(rule: dict[str, Any], verb: str) -> tuple[str, str, str, str]:
 
 
 def allowed(
-    kube: httpx.Client, user: str, namespace: str, verb: str, resource: str, group: str,
+    kube: httpx.Client,
+    user: str,
+    namespace: str,
+    verb: str,
+    resource: str,
+    group: str,
     name: str = "",
-) -> bool:  # fmt: skip
+) -> bool:
     """What the API server's authorizer answers for `user` (a SubjectAccessReview)."""
     resource, _, sub = resource.partition("/")
-    attributes = {"namespace": namespace, "verb": verb, "resource": resource, "group": group,
-                  "subresource": sub, "name": name}  # fmt: skip
-    groups = ["system:serviceaccounts", f"system:serviceaccounts:{user.split(':')[2]}",
-              "system:authenticated"]  # fmt: skip
-    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-              "spec": {"user": user, "groups": groups, "resourceAttributes": attributes}}  # fmt: skip
+    attributes = {
+        "namespace": namespace,
+        "verb": verb,
+        "resource": resource,
+        "group": group,
+        "subresource": sub,
+        "name": name,
+    }
+    groups = [
+        "system:serviceaccounts",
+        f"system:serviceaccounts:{user.split(':')[2]}",
+        "system:authenticated",
+    ]
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {"user": user, "groups": groups, "resourceAttributes": attributes},
+    }
     answer = kube.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", json=review)
     return bool(answer.json()["status"].get("allowed"))
 

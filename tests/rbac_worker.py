@@ -29,6 +29,7 @@ OBSERVED = ("kopf", "prefect_kubernetes", "prefect.workers", "prefect.flow_runs"
 @dataclass
 class Outcome:
     job_created: bool = False
+    job_account: str = ""
     states: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     crash_message: str = ""
@@ -91,7 +92,7 @@ async def _part(cluster: Any, namespace: str, outcome: Outcome, tap: env.LogTap)
         result = await worker.run(flow_run, configuration)
         outcome.job_created = True
         job = result.identifier.split(":")[1]
-        _job_pod(cluster, namespace, job)
+        outcome.job_account = _job_pod(cluster, namespace, job)
         if not await _state(flow_run.id, "InfrastructurePending", outcome, tap):
             return
         logger = logging.getLogger("prefect_kubernetes.rbac-test")
@@ -131,20 +132,33 @@ async def _state(flow_run_id: Any, name: str, outcome: Outcome, tap: env.LogTap)
     return False
 
 
-def _job_pod(cluster: Any, namespace: str, job_name: str) -> None:
-    """STAND-IN for the Job controller: the Job's pod, as it makes it, on the stand-in node."""
+def _job_pod(cluster: Any, namespace: str, job_name: str) -> str:
+    """STAND-IN for the Job controller: the Job's pod, as it makes it, on the stand-in node.
+    Returns the service account the Job's pods run as."""
     with cluster.api.client() as kube:
         job = kube.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{job_name}").json()
         meta, template = job["metadata"], job["spec"]["template"]
-        labels = {**template["metadata"].get("labels", {}), "job-name": job_name,
-                  "controller-uid": meta["uid"]}  # fmt: skip
-        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job_name, "uid": meta["uid"],
-                 "controller": True, "blockOwnerDeletion": True}  # fmt: skip
+        labels = {
+            **template["metadata"].get("labels", {}),
+            "job-name": job_name,
+            "controller-uid": meta["uid"],
+        }
+        owner = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": job_name,
+            "uid": meta["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
         spec = {**template["spec"], "nodeName": cluster.kubelet.node}
-        pod = {"metadata": {"name": f"{job_name}-pod", "labels": labels, "ownerReferences": [owner]},
-               "spec": spec}  # fmt: skip
+        pod = {
+            "metadata": {"name": f"{job_name}-pod", "labels": labels, "ownerReferences": [owner]},
+            "spec": spec,
+        }
         created = kube.post(f"/api/v1/namespaces/{namespace}/pods", json=pod)
         assert created.status_code == 201, created.text
+        return str(spec.get("serviceAccountName", ""))
 
 
 def _collect_garbage(cluster: Any, namespace: str, job_name: str) -> None:

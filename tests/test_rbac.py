@@ -44,9 +44,11 @@ FLOWS, WORKER = "ctcd-flows", "ctcd-worker"
 # What each deployer needs is proven with its lifecycle: a new deployer is one entry here.
 LIFECYCLES = {"ctcd-seldon-deployer": "seldon"}
 STORE = ObjectStoreCredentials(
-    access_key_id=SecretStr("AKIA-RBAC"), secret_access_key=SecretStr("rbac-secret"),
-    endpoint_url="http://127.0.0.1:9", provider="Other",
-)  # fmt: skip
+    access_key_id=SecretStr("AKIA-RBAC"),
+    secret_access_key=SecretStr("rbac-secret"),
+    endpoint_url="http://127.0.0.1:9",
+    provider="Other",
+)
 
 
 def user(account: str) -> str:
@@ -90,18 +92,24 @@ def cluster_config(cluster: SimpleNamespace, account: str) -> KubernetesClusterC
 
 def version(n: int) -> DeploymentConfig:
     return DeploymentConfig(
-        model_name="rbac-model", model_version=str(n), model_uri=f"s3://models/rbac/{n}",
-        pipeline_name="p", step_name="s",
-    )  # fmt: skip
+        model_name="rbac-model",
+        model_version=str(n),
+        model_uri=f"s3://models/rbac/{n}",
+        pipeline_name="p",
+        step_name="s",
+    )
 
 
 def seldon_lifecycle(cluster: SimpleNamespace, namespace: str) -> list[str]:
     """SeldonModelDeployer as ctcd-flows: deploy, update in place, stop, start, logs, delete.
     Returns the steps done; whatever is left is removed as admin afterwards."""
     deployer = SeldonModelDeployer(
-        cluster_config=cluster_config(cluster, FLOWS), namespace=namespace,
-        base_url="http://127.0.0.1:9", object_store=STORE, deploy_timeout=60,
-    )  # fmt: skip
+        cluster_config=cluster_config(cluster, FLOWS),
+        namespace=namespace,
+        base_url="http://127.0.0.1:9",
+        object_store=STORE,
+        deploy_timeout=60,
+    )
     done: list[str] = []
     try:
         record = deployer.deploy_model(version(1))
@@ -128,9 +136,11 @@ def _predictor_pod(cluster: SimpleNamespace, namespace: str, name: str) -> None:
     node, labelled as Seldon's operator labels its Deployment's pods."""
     pod = {
         "metadata": {"name": f"{name}-pod", "labels": {"seldon-deployment-id": name}},
-        "spec": {"nodeName": cluster.kubelet.node,
-                 "containers": [{"name": "model", "image": "seldonio/mlflowserver:1.18.2"}]},
-    }  # fmt: skip
+        "spec": {
+            "nodeName": cluster.kubelet.node,
+            "containers": [{"name": "model", "image": "seldonio/mlflowserver:1.18.2"}],
+        },
+    }
     with cluster.api.client() as kube:
         created = kube.post(f"/api/v1/namespaces/{namespace}/pods", json=pod)
         assert created.status_code == 201, created.text
@@ -150,22 +160,36 @@ def test_kubectl_applies_the_manifests_and_nothing_is_cluster_wide(cluster) -> N
     kinds = [(d["kind"], d["metadata"].get("namespace")) for d in env.documents()]
     assert not [k for k, _ in kinds if k.startswith("Cluster")]
     assert all(ns == NS for kind, ns in kinds if kind != "Namespace")
-    for line in ("namespace/ctcd", "namespace/models", "serviceaccount/ctcd-worker",
-                 "serviceaccount/ctcd-flows", "role.rbac.authorization.k8s.io/ctcd-worker"):  # fmt: skip
+    for line in (
+        "namespace/ctcd",
+        "namespace/models",
+        "serviceaccount/ctcd-worker",
+        "serviceaccount/ctcd-flows",
+        "role.rbac.authorization.k8s.io/ctcd-worker",
+    ):
         assert line in cluster.applied
     with cluster.api.client() as kube:
         for ns in (NS, SERVING):  # the variant moved the deployer's Role, bound to ctcd-flows
-            binding = kube.get(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/"
-                               "ctcd-seldon-deployer").json()  # fmt: skip
-            assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FLOWS, "namespace": NS}]
+            binding = kube.get(
+                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/"
+                "ctcd-seldon-deployer"
+            ).json()
+            assert binding["subjects"] == [
+                {"kind": "ServiceAccount", "name": FLOWS, "namespace": NS}
+            ]
 
 
 @pytest.mark.parametrize("namespace", [NS, SERVING])
 def test_the_flows_account_runs_the_seldon_lifecycle(cluster, namespace) -> None:
     started = time.monotonic()
     assert seldon_lifecycle(cluster, namespace) == [
-        "deploy", "update", "stop", "start", "logs", "delete"
-    ]  # fmt: skip
+        "deploy",
+        "update",
+        "stop",
+        "start",
+        "logs",
+        "delete",
+    ]
     print(f"\nSeldon lifecycle as {FLOWS} in {namespace}: {time.monotonic() - started:.1f} s")
 
 
@@ -174,7 +198,8 @@ def test_the_worker_account_runs_the_job_and_reads_its_pods_log(cluster) -> None
     outcome = rbac_worker.run_part(cluster, NS)
     print(f"\nworker part as {WORKER}: {time.monotonic() - started:.1f} s")
     assert outcome.error is None and outcome.refusals == [], outcome
-    assert outcome.job_created and outcome.log == env.KubeletLogs.TEXT.splitlines()
+    assert outcome.job_created and outcome.job_account == FLOWS  # the pool's base job template
+    assert outcome.log == env.KubeletLogs.TEXT.splitlines()
     assert outcome.states == ["InfrastructurePending", "Crashed"], outcome
     assert outcome.crash_message == "Kubernetes job was deleted"
 
@@ -184,8 +209,9 @@ def test_a_bad_token_says_the_credentials_were_refused(cluster) -> None:
     config["users"] = [{"name": FLOWS, "user": {"token": "not-a-token"}}]
     deployer = SeldonModelDeployer(
         cluster_config=KubernetesClusterConfig(config=config, context_name=FLOWS),
-        namespace=NS, base_url="http://127.0.0.1:9",
-    )  # fmt: skip
+        namespace=NS,
+        base_url="http://127.0.0.1:9",
+    )
     with pytest.raises(KubernetesAccessError, match="HTTP 401 Unauthorized") as info:
         deployer.find_model_server()
     assert "cluster_config" in str(info.value) and "not-a-token" not in str(info.value)
@@ -196,8 +222,9 @@ def test_a_bad_token_says_the_credentials_were_refused(cluster) -> None:
 )
 def test_every_verb_of_every_rule_is_needed(cluster, role, index, verb) -> None:
     """Take the verb out of the Role: the part that needs it fails, saying what was refused."""
-    granted = next(d for d in env.documents() if d["kind"] == "Role" and
-                   d["metadata"]["name"] == role)  # fmt: skip
+    granted = next(
+        d for d in env.documents() if d["kind"] == "Role" and d["metadata"]["name"] == role
+    )
     rule = granted["rules"][index]
     resource, group = rule["resources"][0], rule["apiGroups"][0]
     account = WORKER if role == "ctcd-worker" else FLOWS
@@ -277,7 +304,8 @@ def test_each_account_is_refused_what_it_does_not_need(cluster, account) -> None
     verify = ssl.create_default_context(cafile=str(cluster.api.pki / "ca.crt"))  # no client cert
     with httpx.Client(base_url=cluster.api.url, verify=verify, timeout=10) as kube:
         for method, path in REFUSED[account]:
-            answer = kube.request(method, path, headers={"Authorization": f"Bearer {token}"},
-                                  json={})  # fmt: skip
+            answer = kube.request(
+                method, path, headers={"Authorization": f"Bearer {token}"}, json={}
+            )
             assert answer.status_code == 403, (method, path, answer.text)
             assert user(account) in answer.json()["message"]
