@@ -20,6 +20,8 @@ from mlflow.pyfunc import scoring_server
 from blocks import MLflowModelDeployer
 from ctcd.serving.batching import BatchingModel, BatchSettings
 
+pytestmark = pytest.mark.server
+
 JSON = "application/json"
 
 

@@ -24,6 +24,8 @@ from flows.inference import inference_pipeline
 from flows.training import training_pipeline
 from tests.conftest import FAST_RF
 
+pytestmark = pytest.mark.server
+
 
 def _aliases(model_name: str) -> dict[str, str]:
     aliases = mlflow.MlflowClient().get_registered_model(model_name).aliases

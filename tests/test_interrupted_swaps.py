@@ -29,6 +29,8 @@ from blocks import local_process as lp
 from ctcd.exceptions import ModelServerError
 from ctcd.serving.loadgen import Load
 
+pytestmark = pytest.mark.server
+
 WORKERS = 2
 LOAD_DELAY_S = 3.0  # each new worker takes this long on top of loading its model
 CONVERGE_S = 90.0  # bound for the server to converge after a kill (a loaded 2-core machine)

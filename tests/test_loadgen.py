@@ -15,6 +15,8 @@ import pytest
 
 from ctcd.serving.loadgen import Load, rows_in
 
+pytestmark = pytest.mark.unit
+
 BODY = json.dumps({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2], [3, 4]]}}).encode()
 ANSWERS = [
     (200, b'{"predictions": [1.0, 2.0]}'),  # right

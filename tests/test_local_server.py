@@ -24,6 +24,8 @@ from ctcd.exceptions import DeployerNotFoundError, ModelLoadError, RollbackError
 from deployments.lookup import find_service, load_deployer
 from tests.conftest import SERVED_MODEL as NAME
 
+pytestmark = pytest.mark.server
+
 
 def _version_served(record: ServiceRecord) -> str | None:
     return lp.served_version(record)

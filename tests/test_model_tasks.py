@@ -15,6 +15,8 @@ from flows.gate import ChampionScore, DeploymentCriteria, deployment_trigger, ev
 from flows.model import evaluate_model, register_model, train_model
 from tests.conftest import FAST_RF
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def data(small_table):

@@ -13,10 +13,13 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import psutil
+import pytest
 
 from blocks import MLflowModelDeployer
 from ctcd.serving.loadgen import Load
 from ctcd.serving.predlog import read_log
+
+pytestmark = pytest.mark.server
 
 JSON = {"Content-Type": "application/json"}
 SECRET = "Bearer do-not-log-this-token-7f3a"

@@ -34,6 +34,8 @@ from tests.processes import (
     stop_group,
 )
 
+pytestmark = pytest.mark.server
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 

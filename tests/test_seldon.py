@@ -40,7 +40,10 @@ NS = "ctcd-seldon"
 MODEL = "seldon-model"
 # The shared folder beside the repository (as .ci/run finds ../shared/k8s).
 CRD = Path(__file__).resolve().parents[2] / "shared" / "k8s" / "seldondeployment-crd.yaml"
-pytestmark = pytest.mark.timeout(900)  # the stand-in starts Seldon's server (~15 s) per rollout
+pytestmark = [
+    pytest.mark.kubernetes,
+    pytest.mark.timeout(900),
+]  # the stand-in starts Seldon's server (~15 s) per rollout
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from starlette.types import Message, Receive, Scope, Send
 from blocks import MLflowModelDeployer, ServiceRecord
 from ctcd.serving.limits import RequestGuard
 
+pytestmark = pytest.mark.server
+
 LIMIT = 1024 * 1024  # the server's CTCD_MAX_BODY_BYTES in this module
 SEED = 20_240_611
 JSON = "application/json"

@@ -38,6 +38,8 @@ from flows.training import training_pipeline
 from tests.processes import loopback_port, start_logged, stop_group, wait_healthy
 from tests.test_vault import ROOT_TOKEN, _start_bao
 
+pytestmark = pytest.mark.server
+
 ADMIN_PASSWORD = "admin-Pa55word-for-tests"
 USER = "ctcd"
 PASSWORD = f"canary-{uuid.uuid4().hex}"  # planted: must be found nowhere the run wrote

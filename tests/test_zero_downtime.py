@@ -14,6 +14,8 @@ from blocks import local_process as lp
 from ctcd.exceptions import ModelLoadError
 from ctcd.serving.loadgen import Load
 
+pytestmark = pytest.mark.server
+
 LOAD_DELAY_S = 3.0
 
 
