@@ -111,6 +111,30 @@ def put_role(kube: httpx.Client, role: dict[str, Any], user: str) -> None:
     raise AssertionError(f"the authorizer did not follow the edit of Role {meta['name']}")
 
 
+def unbind_others(
+    kube: httpx.Client, namespace: str, role: str, account: str
+) -> list[dict[str, Any]]:
+    """Delete the RoleBindings in `namespace` that give `account` any Role but `role` (another
+    deployer's Role may grant the same verb); returns them for `rebind`."""
+    url = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings"
+    removed = []
+    for binding in kube.get(url).json()["items"]:
+        names = {s["name"] for s in binding.get("subjects") or [] if s["kind"] == "ServiceAccount"}
+        if account in names and binding["roleRef"]["name"] != role:
+            kube.delete(f"{url}/{binding['metadata']['name']}")
+            meta = binding["metadata"]
+            kept = {"name": meta["name"], "namespace": namespace, "labels": meta.get("labels", {})}
+            removed.append({**binding, "metadata": kept})
+    return removed
+
+
+def rebind(kube: httpx.Client, bindings: list[dict[str, Any]]) -> None:
+    for binding in bindings:
+        url = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{binding['metadata']['namespace']}"
+        created = kube.post(f"{url}/rolebindings", json=binding)
+        assert created.status_code == 201, created.text
+
+
 def _key(rule: dict[str, Any], verb: str) -> tuple[str, str, str, str]:
     name = (rule.get("resourceNames") or [""])[0]
     return verb, rule["resources"][0], rule["apiGroups"][0], name

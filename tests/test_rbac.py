@@ -17,10 +17,11 @@ by the test as admin), and a kubelet's log endpoint (tests/rbac_env.KubeletLogs)
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -41,8 +42,6 @@ from tests.test_seldon import _install_crd
 pytestmark = [pytest.mark.kubernetes, pytest.mark.timeout(900)]
 NS, SERVING = "ctcd", "models"
 FLOWS, WORKER = "ctcd-flows", "ctcd-worker"
-# What each deployer needs is proven with its lifecycle: a new deployer is one entry here.
-LIFECYCLES = {"ctcd-seldon-deployer": "seldon"}
 STORE = ObjectStoreCredentials(
     access_key_id=SecretStr("AKIA-RBAC"),
     secret_access_key=SecretStr("rbac-secret"),
@@ -156,10 +155,20 @@ def _clean_seldon(cluster: SimpleNamespace, namespace: str) -> None:
         kube.delete(pods, params={"labelSelector": "seldon-deployment-id", **env.NOW})
 
 
+# Each deployer's Role is proven with that deployer's lifecycle, run as ctcd-flows: a new
+# deployer (its folder in deployments/kubernetes/ and kustomization.yaml) is one entry here.
+LIFECYCLES: dict[str, Callable[[SimpleNamespace, str], list[str]]] = {
+    "ctcd-seldon-deployer": seldon_lifecycle,
+}
+WHOLE = ["deploy", "update", "stop", "start", "logs", "delete"]
+
+
 def test_kubectl_applies_the_manifests_and_nothing_is_cluster_wide(cluster) -> None:
     kinds = [(d["kind"], d["metadata"].get("namespace")) for d in env.documents()]
     assert not [k for k, _ in kinds if k.startswith("Cluster")]
     assert all(ns == NS for kind, ns in kinds if kind != "Namespace")
+    roles = {d["metadata"]["name"] for d in env.documents() if d["kind"] == "Role"}
+    assert roles == {"ctcd-worker", *LIFECYCLES}  # every deployer's Role is proven below
     for line in (
         "namespace/ctcd",
         "namespace/models",
@@ -169,10 +178,9 @@ def test_kubectl_applies_the_manifests_and_nothing_is_cluster_wide(cluster) -> N
     ):
         assert line in cluster.applied
     with cluster.api.client() as kube:
-        for ns in (NS, SERVING):  # the variant moved the deployer's Role, bound to ctcd-flows
+        for ns, role in itertools.product((NS, SERVING), LIFECYCLES):  # the variant moved them
             binding = kube.get(
-                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/"
-                "ctcd-seldon-deployer"
+                f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/{role}"
             ).json()
             assert binding["subjects"] == [
                 {"kind": "ServiceAccount", "name": FLOWS, "namespace": NS}
@@ -180,17 +188,11 @@ def test_kubectl_applies_the_manifests_and_nothing_is_cluster_wide(cluster) -> N
 
 
 @pytest.mark.parametrize("namespace", [NS, SERVING])
-def test_the_flows_account_runs_the_seldon_lifecycle(cluster, namespace) -> None:
+@pytest.mark.parametrize("role", list(LIFECYCLES))
+def test_the_flows_account_runs_each_deployers_lifecycle(cluster, role, namespace) -> None:
     started = time.monotonic()
-    assert seldon_lifecycle(cluster, namespace) == [
-        "deploy",
-        "update",
-        "stop",
-        "start",
-        "logs",
-        "delete",
-    ]
-    print(f"\nSeldon lifecycle as {FLOWS} in {namespace}: {time.monotonic() - started:.1f} s")
+    assert LIFECYCLES[role](cluster, namespace) == WHOLE
+    print(f"\n{role} lifecycle as {FLOWS} in {namespace}: {time.monotonic() - started:.1f} s")
 
 
 def test_the_worker_account_runs_the_job_and_reads_its_pods_log(cluster) -> None:
@@ -229,6 +231,7 @@ def test_every_verb_of_every_rule_is_needed(cluster, role, index, verb) -> None:
     resource, group = rule["resources"][0], rule["apiGroups"][0]
     account = WORKER if role == "ctcd-worker" else FLOWS
     with cluster.api.client() as kube:
+        others = env.unbind_others(kube, NS, role, account)  # their rules would grant it too
         env.put_role(kube, env.without(granted, index, verb), user(account))
     started = time.monotonic()
     try:
@@ -238,16 +241,17 @@ def test_every_verb_of_every_rule_is_needed(cluster, role, index, verb) -> None:
             _lifecycle_fails(cluster, role, verb, resource, group)
     finally:
         with cluster.api.client() as kube:
+            env.rebind(kube, others)
             env.put_role(kube, granted, user(account))
     print(f"\nwithout {verb} {resource} ({role}): failed in {time.monotonic() - started:.1f} s")
 
 
 def _lifecycle_fails(cluster: Any, role: str, verb: str, resource: str, group: str) -> None:
     with pytest.raises(KubernetesAccessError) as info:
-        seldon_lifecycle(cluster, NS) if LIFECYCLES[role] == "seldon" else None
+        LIFECYCLES[role](cluster, NS)
     err = info.value
     assert (err.verb, err.resource, err.group, err.namespace) == (verb, resource, group, NS)
-    name, folder = role_of(LIFECYCLES[role])
+    name, folder = role_of(role.removeprefix("ctcd-").removesuffix("-deployer"))
     assert name == role and (env.ROOT / folder / "kustomization.yaml").exists()
     message = str(err)
     assert f"`{verb}` on {resource} (API group " in message and f'namespace "{NS}"' in message
