@@ -120,7 +120,7 @@ def seldon_lifecycle(cluster: SimpleNamespace, namespace: str) -> list[str]:
         done.append("stop")
         assert deployer.start_model_server(record.uuid).status == "active"
         done.append("start")
-        _predictor_pod(cluster, namespace, str(record.resource_name))
+        _predictor_pod(cluster, namespace, str(record.kube.resource_name))
         assert deployer.get_logs(record.uuid) == env.KubeletLogs.TEXT.splitlines()
         done.append("logs")
         assert deployer.delete_model_server(record.uuid)
@@ -146,6 +146,9 @@ def _predictor_pod(cluster: SimpleNamespace, namespace: str, name: str) -> None:
 
 
 def _clean_seldon(cluster: SimpleNamespace, namespace: str) -> None:
+    """As admin: remove what a lifecycle left, then wait until the stand-in operator has seen
+    it go (it removes the predictor Deployment), so the next lifecycle's resource of the same
+    name is a new one to it."""
     with cluster.api.client() as kube:
         base = f"/apis/machinelearning.seldon.io/v1/namespaces/{namespace}/seldondeployments"
         for item in kube.get(base).json()["items"]:
@@ -153,6 +156,13 @@ def _clean_seldon(cluster: SimpleNamespace, namespace: str) -> None:
         kube.delete(f"/api/v1/namespaces/{namespace}/secrets/ctcd-model-store")
         pods = f"/api/v1/namespaces/{namespace}/pods"
         kube.delete(pods, params={"labelSelector": "seldon-deployment-id", **env.NOW})
+        owned = {"labelSelector": "seldon-deployment-id"}
+        deadline = time.monotonic() + 30
+        while kube.get(f"/apis/apps/v1/namespaces/{namespace}/deployments", params=owned).json()[
+            "items"
+        ]:
+            assert time.monotonic() < deadline, "the stand-in operator did not see the delete"
+            time.sleep(0.1)
 
 
 # Each deployer's Role is proven with that deployer's lifecycle, run as ctcd-flows: a new
