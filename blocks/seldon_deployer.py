@@ -14,6 +14,7 @@ from pydantic import Field, HttpUrl
 
 from blocks import seldon_manifest as sm
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
+from blocks.kube_errors import refused
 from blocks.object_store import ObjectStoreCredentials
 from blocks.seldon_kube import SeldonFailed, Session, session
 from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
@@ -35,13 +36,13 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
             hint="Check the deployer's `cluster_config` (or KUBECONFIG / the in-cluster config).",
         ) from err  # fmt: skip
     except ApiException as err:
-        if err.status not in (401, 403, 404):
+        if (clear := refused(err, "seldon")) is not None:
+            raise clear from None
+        if err.status != 404:
             raise
         raise ModelServerError(
             "Calling the Kubernetes API", f"HTTP {err.status} {err.reason}",
-            hint="404: is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace "
-            "there? 401/403: the credentials need get/list/create/update/delete on "
-            "seldondeployments and secrets, and list on deployments and pods (pods/log: get).",
+            hint="Is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace there?",
         ) from None  # fmt: skip
     return result
 
@@ -328,6 +329,8 @@ async def _pod_log(api: Session, pod: Any, tail: int | None, prefix: bool) -> li
             name, api.namespace, container=sm.GRAPH, tail_lines=tail
         )
     except ApiException as err:
+        if err.status in (401, 403):
+            raise  # a permission to grant, not a pod without a log
         phase = pod.status.phase if pod.status else "unknown"
         return [f"Pod {name} ({phase}) has no readable log: HTTP {err.status} {err.reason}"]
     return [f"[{name}] {line}" if prefix else line for line in str(text).splitlines()]

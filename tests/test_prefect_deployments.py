@@ -414,7 +414,7 @@ def test_kubernetes_worker_submits_the_job(deployed, kube_api, tmp_path) -> None
     env_vars = {e["name"]: e.get("value") for e in container["env"]}
     assert job["metadata"]["namespace"] == "ctcd"
     assert container["image"] == "ctcd:latest"
-    assert spec["serviceAccountName"] == "ctcd"
+    assert spec["serviceAccountName"] == "ctcd-flows"  # deployments/kubernetes/
     assert container["resources"] == {
         "requests": {"cpu": "1", "memory": "2Gi"},
         "limits": {"cpu": "2", "memory": "4Gi"},
