@@ -7,7 +7,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: venv demo app test lint deploy image bench clean
+.PHONY: venv demo app test test-fast lint deploy image bench clean
 
 # `make image`: the image the ctcd-kubernetes pool runs (Containerfile). docker when its engine
 # answers (`docker info`), else podman. IMAGE_BUILD_FLAGS passes more flags to the build.
@@ -45,6 +45,11 @@ lint: venv
 
 test: lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest
+
+# The tests that start no server or process (marker `unit`), in under a minute; `make test`
+# runs everything. One part: `.venv/bin/pytest -m server` (or kubernetes, image), or a file.
+test-fast: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -m unit -q
 
 deploy: venv
 	$(VENV)/bin/python -m deployments.setup

@@ -7,7 +7,6 @@ from collections.abc import Coroutine, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlparse
 
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect_kubernetes.credentials import KubernetesClusterConfig
@@ -15,9 +14,10 @@ from pydantic import Field, HttpUrl
 
 from blocks import seldon_manifest as sm
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
+from blocks.kube_errors import refused
 from blocks.object_store import ObjectStoreCredentials
 from blocks.seldon_kube import SeldonFailed, Session, session
-from blocks.service import ServiceRecord, ServiceState
+from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
 from blocks.ui import logo, optional_nested
 from ctcd.exceptions import ModelServerError
 
@@ -37,13 +37,13 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
             hint="Check the deployer's `cluster_config` (or KUBECONFIG / the in-cluster config).",
         ) from err  # fmt: skip
     except ApiException as err:
-        if err.status not in (401, 403, 404):
+        if (clear := refused(err, "seldon")) is not None:
+            raise clear from None
+        if err.status != 404:
             raise
         raise ModelServerError(
             "Calling the Kubernetes API", f"HTTP {err.status} {err.reason}",
-            hint="404: is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace "
-            "there? 401/403: the credentials need get/list/create/update/delete on "
-            "seldondeployments and secrets, and list on deployments and pods (pods/log: get).",
+            hint="Is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace there?",
         ) from None  # fmt: skip
     return result
 
@@ -143,20 +143,19 @@ class SeldonModelDeployer(BaseModelDeployer):
 
     def _new_record(self, config: DeploymentConfig, name: str) -> ServiceRecord:
         prediction_url, health_url = sm.urls(self.base_url, self.namespace, name, self.protocol)
-        base = urlparse(self.base_url)
         return ServiceRecord(
             uuid="",
             backend="seldon",
             **config.model_dump(),
             history=[config.model_version],
+            workers=self.replicas,
+            deployer_block=self.block_name(),
             prediction_url=prediction_url,
             health_url=health_url,
-            host=base.hostname or "",
-            port=base.port or (443 if base.scheme == "https" else 80),
-            workers=self.replicas,
             protocol=self.protocol,
-            namespace=self.namespace,
-            resource_name=name,
+            runtime=KubernetesRuntime(
+                namespace=self.namespace, resource_kind="SeldonDeployment", resource_name=name
+            ),
         )
 
     def _create(self, config: DeploymentConfig, timeout: float | None) -> ServiceRecord:
@@ -192,10 +191,15 @@ class SeldonModelDeployer(BaseModelDeployer):
         return self._update(existing[0], config, timeout)
 
     def _update(
-        self, record: ServiceRecord, config: DeploymentConfig, timeout: float | None
+        self,
+        record: ServiceRecord,
+        config: DeploymentConfig,
+        timeout: float | None,
+        keep_settings: bool = False,
     ) -> ServiceRecord:
         uri = sm.storage_uri(config)
-        name = str(record.resource_name)
+        name = record.kube.resource_name
+        replicas = record.workers if keep_settings else self.replicas
 
         def mutate(sdep: dict[str, Any]) -> None:
             current = sm.read_record(sdep) or record
@@ -206,19 +210,17 @@ class SeldonModelDeployer(BaseModelDeployer):
                 update={
                     **config.model_dump(),
                     "history": history,
-                    "workers": self.replicas,
+                    "workers": replicas,
                     "desired_state": ServiceState.ACTIVE,
                     "last_error": None,
                     "updated_at": datetime.now(UTC),
                 }
             )
-            sdep["spec"]["predictors"] = [self._predictor(uri, self.replicas)]
+            sdep["spec"]["predictors"] = [self._predictor(uri, replicas)]
             sdep["spec"]["protocol"] = self.protocol
             sdep["metadata"]["annotations"][sm.RECORD_ANNOTATION] = sm.record_annotation(updated)
 
-        return self._change_and_wait(
-            name, uri, self.replicas, mutate, timeout, restore_on_failure=True
-        )
+        return self._change_and_wait(name, uri, replicas, mutate, timeout, restore_on_failure=True)
 
     def _change_and_wait(
         self,
@@ -260,12 +262,12 @@ class SeldonModelDeployer(BaseModelDeployer):
 
         async def uri() -> str:
             async with self._api() as api:
-                sdep = await api.get(str(record.resource_name))
+                sdep = await api.get(record.kube.resource_name)
             if sdep is None:
-                raise ModelServerError(f"Scaling {record.resource_name}", "it was deleted")
+                raise ModelServerError(f"Scaling {record.kube.resource_name}", "it was deleted")
             return str(sdep["spec"]["predictors"][0]["graph"]["modelUri"])
 
-        name = str(record.resource_name)
+        name = record.kube.resource_name
         return self._change_and_wait(name, _run(uri()), replicas, mutate, timeout)
 
     def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
@@ -277,8 +279,8 @@ class SeldonModelDeployer(BaseModelDeployer):
     def _delete(self, record: ServiceRecord, timeout: float | None) -> None:
         async def run() -> None:
             async with self._api() as api:
-                await api.delete(str(record.resource_name))
-                await self._drop_secret(api, str(record.resource_name))
+                await api.delete(record.kube.resource_name)
+                await self._drop_secret(api, record.kube.resource_name)
 
         _run(run())
 
@@ -295,11 +297,11 @@ class SeldonModelDeployer(BaseModelDeployer):
         async def run() -> list[str]:
             async with self._api() as api:
                 pods = await api.core.list_namespaced_pod(
-                    api.namespace, label_selector=f"{sm.OWNER_LABEL}={record.resource_name}"
+                    api.namespace, label_selector=f"{sm.OWNER_LABEL}={record.kube.resource_name}"
                 )
                 if not pods.items:
                     return [
-                        f"No predictor pods exist for SeldonDeployment {record.resource_name} "
+                        f"No predictor pods exist for SeldonDeployment {record.kube.resource_name} "
                         f"in namespace {api.namespace} (stopped, or not scheduled yet): "
                         "there is no log to show."
                     ]
@@ -329,6 +331,8 @@ async def _pod_log(api: Session, pod: Any, tail: int | None, prefix: bool) -> li
             name, api.namespace, container=sm.GRAPH, tail_lines=tail
         )
     except ApiException as err:
+        if err.status in (401, 403):
+            raise  # a permission to grant, not a pod without a log
         phase = pod.status.phase if pod.status else "unknown"
         return [f"Pod {name} ({phase}) has no readable log: HTTP {err.status} {err.reason}"]
     return [f"[{name}] {line}" if prefix else line for line in str(text).splitlines()]

@@ -167,6 +167,8 @@ class Session:
                     raise
                 await self.core.replace_namespaced_secret(name, self.namespace, body)
         except ApiException as err:
+            if err.status in (401, 403):
+                raise  # the refusal names no data: the deployer says what grants it
             raise ModelServerError(
                 f"Writing Secret {name} in namespace {self.namespace}",
                 f"HTTP {err.status} {err.reason}",

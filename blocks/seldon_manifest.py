@@ -21,8 +21,6 @@ SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED.items())
 OWNER_LABEL = "seldon-deployment-id"  # the operator's label on the Deployments it owns
 PREDICTOR, GRAPH = "default", "model"
 BUCKET_SCHEMES = ("s3",)
-# Fields the cluster knows better than the annotation: never stored there.
-OBSERVED = {"uuid", "status", "status_message"}
 
 
 def resource_name(pipeline: str, step: str, model: str) -> str:
@@ -119,7 +117,9 @@ def labels(config: DeploymentConfig) -> dict[str, str]:
 
 
 def record_annotation(record: ServiceRecord) -> str:
-    return json.dumps(record.model_dump(mode="json", exclude=OBSERVED), sort_keys=True)
+    stored = record.stored()
+    stored.pop("uuid")  # the resource's own uid
+    return json.dumps(stored, sort_keys=True)
 
 
 def manifest(
@@ -165,7 +165,7 @@ def read_record(sdep: dict[str, Any]) -> ServiceRecord | None:
         message = f"Seldon reports {state or 'no state yet'}" + (
             f": {description}" if description else ""
         )
-    return record.model_copy(update={"status": observed, "status_message": message})
+    return record.seen(status=observed, status_message=message)
 
 
 def carries(deployment: dict[str, Any], model_uri: str) -> bool:

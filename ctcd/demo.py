@@ -10,6 +10,8 @@ from ctcd.sample import DEFAULT_ROWS
 def run(rows: int = DEFAULT_ROWS) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from ctcd import local_api
+
+    local_api.prepare()  # the local Prefect server starts while the flows import
     from ctcd.sample import generate, sample_path
     from flows.continuous_deployment import continuous_deployment_pipeline
     from flows.data import feature_frame
@@ -46,5 +48,5 @@ def run(rows: int = DEFAULT_ROWS) -> None:
         f"  .venv/bin/ctcd models stop {service.uuid[:8]}\n"
         "Try it yourself (the model's own input example, 5 rows):\n"
         f"  curl -s {service.prediction_url} -H 'Content-Type: application/json' "
-        f"-d @{service.runtime_dir}/models/{service.model_version}/serving_input_example.json"
+        f"-d @{service.local.runtime_dir}/models/{service.model_version}/serving_input_example.json"
     )

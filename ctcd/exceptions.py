@@ -1,4 +1,7 @@
-"""Every error ctcd raises on purpose. Each says what was wrong and what to do."""
+"""Every error ctcd raises on purpose, in one module. Each says what was wrong and what to do.
+
+(Pydantic validators raise `ValueError`, as pydantic requires; it reports them as a
+`ValidationError` naming the field.)"""
 
 from __future__ import annotations
 
@@ -128,6 +131,14 @@ class LocalApiError(CtcdError, RuntimeError):
         )
 
 
+class DeployError(CtcdError, RuntimeError):
+    """`make deploy` could not apply prefect.yaml (nothing was applied when it says so)."""
+
+
+class PredictionError(CtcdError):
+    """A request the server did not answer with predictions; the message says why."""
+
+
 class ModelConfigError(CtcdError, ValueError):
     def __init__(self, problem: str) -> None:
         super().__init__(f"{problem}")
@@ -162,3 +173,21 @@ class TrackingError(CtcdError, RuntimeError):
 
     def __init__(self, uri: str, problem: str, check: str) -> None:
         super().__init__(f"MLflow tracking server at {uri}: {problem}. Check {check}.")
+
+
+class KubernetesAccessError(CtcdError, PermissionError):
+    """The Kubernetes API server refused a request: names who asked, the verb, the resource
+    with its API group, the namespace, and what grants it. `verb`, `resource`, `group` and
+    `namespace` hold what was refused (empty when the server did not say)."""
+
+    def __init__(
+        self,
+        refused: str,
+        fix: str,
+        verb: str = "",
+        resource: str = "",
+        group: str = "",
+        namespace: str = "",
+    ) -> None:
+        self.verb, self.resource, self.group, self.namespace = verb, resource, group, namespace
+        super().__init__(f"Kubernetes refused {refused}. {fix}")

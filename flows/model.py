@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -18,11 +19,12 @@ from sklearn.base import RegressorMixin
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LinearRegression
-from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ctcd.exceptions import ModelConfigError
+from ctcd.metrics import score
+from ctcd.names import DATA_SHA_TAG, DATA_SOURCE_TAG, FLOW_RUN_TAG
 from flows.data import CleanData, Dataset
 from flows.evaluation import EvaluationPlots, log_plots
 
@@ -83,16 +85,6 @@ def train_model(
     return model
 
 
-def score(y_true: pd.Series, y_pred: np.ndarray) -> dict[str, float]:
-    mse = float(mean_squared_error(y_true, y_pred))
-    return {
-        "mse": mse,
-        "rmse": float(np.sqrt(mse)),
-        "mae": float(mean_absolute_error(y_true, y_pred)),
-        "r2": float(r2_score(y_true, y_pred)),
-    }
-
-
 @task(cache_policy=NO_CACHE)
 def evaluate_model(model: Pipeline, data: CleanData) -> dict[str, float]:
     """mse, rmse, mae and r2 on the held-out 20 %."""
@@ -118,9 +110,7 @@ def _log_dataset(dataset: Dataset, data: CleanData, target: str) -> None:
     mlflow.log_input(ml_dataset, context="training")
 
 
-FLOW_RUN_TAG = "ctcd.prefect_flow_run_id"
 REFERENCE_ROWS = 5_000
-REFERENCE_PATH = "reference/reference.parquet"
 
 
 def _log_reference(data: CleanData, target: str) -> None:
@@ -134,6 +124,45 @@ def _log_reference(data: CleanData, target: str) -> None:
         path = Path(tmp) / "reference.parquet"
         sample.to_parquet(path, index=False)
         mlflow.log_artifact(str(path), artifact_path="reference")
+
+
+@contextmanager
+def _served_jobs(model: Pipeline) -> Iterator[dict[str, Any]]:
+    """The model as it is saved for serving, for the block: a forest trained on every core
+    scores with one job (a worker serves one request at a time and the workers give the
+    parallelism; joblib's start-up would cost ~15 ms per single row). Yields the parameters
+    the saved model has that differ from the training ones; the caller's model is as it was
+    afterwards."""
+    estimator = model[-1]
+    jobs = estimator.get_params().get("n_jobs", 1)
+    if jobs in (None, 1):
+        yield {}
+        return
+    estimator.set_params(n_jobs=1)
+    try:
+        yield {"n_jobs": 1, "trained_n_jobs": jobs}
+    finally:
+        estimator.set_params(n_jobs=jobs)
+
+
+def _log_model(model: Pipeline, data: CleanData, model_name: str) -> Any:
+    """Log the model with skops (no arbitrary pickle code on load), its signature and input
+    example, pinned pip requirements (not inferred in a subprocess); register a version."""
+    import mlflow
+    import skops.io
+    from mlflow.models import infer_signature
+
+    example = data.x_test.dropna().head(5)
+    return mlflow.sklearn.log_model(
+        model,
+        name="model",
+        signature=infer_signature(example, model.predict(example)),
+        input_example=example,
+        pip_requirements=_pip_requirements(),
+        serialization_format="skops",
+        skops_trusted_types=skops.io.get_untrusted_types(data=skops.io.dumps(model)),
+        registered_model_name=model_name,
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -153,42 +182,23 @@ def register_model(
     """Log params, metrics, the data's content hash, the evaluation plots and the model;
     register a new version.
 
-    The model is saved with skops (no arbitrary pickle code on load) and its pip
-    requirements are pinned explicitly rather than inferred in a subprocess.
+    The parameters logged are the saved model's (`_served_jobs`).
     """
     import mlflow
-    import skops.io
-    from mlflow.models import infer_signature
 
-    if "n_jobs" in model[-1].get_params():
-        # Trained on every core; served one request at a time per worker (workers give the
-        # parallelism), where joblib's thread start-up would cost ~15 ms per single row.
-        model[-1].set_params(n_jobs=1)
-    example = data.x_test.dropna().head(5)
-    signature = infer_signature(example, model.predict(example))
-    trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        params = {**DEFAULTS[model_type], **(model_params or {})}
-        mlflow.log_params({"model_type": model_type, "target": target, **params})
+    params = {**DEFAULTS[model_type], **(model_params or {})}
+    with _served_jobs(model) as served, mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_params({"model_type": model_type, "target": target, **params, **served})
         mlflow.log_params({"data_rows": len(dataset.frame), "features": ",".join(data.features)})
         mlflow.log_metrics(metrics)
-        mlflow.set_tags({"ctcd.data_sha256": dataset.sha256, "ctcd.data_source": dataset.source})
+        mlflow.set_tags({DATA_SHA_TAG: dataset.sha256, DATA_SOURCE_TAG: dataset.source})
         mlflow.set_tag(FLOW_RUN_TAG, flow_run.get_id() or "")
         mlflow.set_tags(tags or {})
         _log_dataset(dataset, data, target)
         _log_reference(data, target)
         if plots is not None:
             log_plots(plots)
-        info = mlflow.sklearn.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example,
-            pip_requirements=_pip_requirements(),
-            serialization_format="skops",
-            skops_trusted_types=trusted,
-            registered_model_name=model_name,
-        )
+        info = _log_model(model, data, model_name)
     model_version = str(info.registered_model_version)
     return RegisteredModel(
         model_name=model_name,

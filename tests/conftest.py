@@ -16,7 +16,7 @@ import skops.io
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ctcd-tests-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["CTCD_WARM_START"] = "0"  # the harness provides the API; no ephemeral server
+os.environ["CTCD_LOCAL_API"] = "0"  # the harness provides the API; no ephemeral server
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
 os.environ["CTCD_HOME"] = str(_SESSION_DIR / "home")
@@ -36,21 +36,48 @@ SMALL_ROWS = 2_000
 FAST_RF = {"n_estimators": 10, "max_depth": 6}
 
 
+# What a test starts, by marker (pyproject.toml registers them). `make test-fast` runs `unit`.
+KINDS = ("unit", "server", "kubernetes", "image")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test says what it starts (a module's `pytestmark` or the test's own marker)."""
+    unmarked = [i.nodeid for i in items if not any(i.get_closest_marker(k) for k in KINDS)]
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests without a kind marker ({', '.join(KINDS)}): {', '.join(unmarked[:5])}. "
+            "Add `pytestmark = pytest.mark.<kind>` to the module (see tests/conftest.py)."
+        )
+
+
 @pytest.fixture(scope="session", autouse=True)
-def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Prefect's test harness for the session. Afterwards, whatever happened: end any process
-    the session left in its temp folders (e.g. a model server a timed-out test was still
-    deploying) and remove the session folder."""
+def _session_cleanup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Afterwards, whatever happened: end any process the session left in its temp folders
+    (e.g. a model server a timed-out test was still deploying) and remove the session folder."""
     from tests.processes import end_processes_under
 
     try:
-        with prefect_test_harness(server_startup_timeout=180):
-            yield
+        yield
     finally:
         for folder in (tmp_path_factory.getbasetemp(), _SESSION_DIR):
             if left := end_processes_under(folder):
                 print(f"\nended processes the tests left in {folder}: {left}")
         shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's test harness, one for the session (it takes ~8 s to start)."""
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _prefect_api(request: pytest.FixtureRequest) -> None:
+    """Every test but a `unit` one runs with the session's Prefect harness; a `unit` test
+    starts no server, so one that needs Prefect's API fails instead of hiding it."""
+    if request.node.get_closest_marker("unit") is None:
+        request.getfixturevalue("prefect_harness")
 
 
 @pytest.fixture(scope="session")

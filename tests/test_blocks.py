@@ -8,6 +8,8 @@ from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
 import blocks
 
+pytestmark = pytest.mark.unit
+
 ALL_BLOCKS = [
     obj
     for obj in vars(blocks).values()

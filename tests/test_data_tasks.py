@@ -12,6 +12,8 @@ from ctcd import exceptions as exc
 from ctcd.sample import FEATURES, generate
 from flows.data import DROPPED, Dataset, clean_data, ingest_data, validate_data
 
+pytestmark = pytest.mark.unit
+
 
 def _dataset(frame: pd.DataFrame, source: str = "t.csv") -> Dataset:
     return Dataset(frame=frame, source=source, sha256="0" * 64)

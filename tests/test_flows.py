@@ -24,6 +24,8 @@ from flows.inference import inference_pipeline
 from flows.training import training_pipeline
 from tests.conftest import FAST_RF
 
+pytestmark = pytest.mark.server
+
 
 def _aliases(model_name: str) -> dict[str, str]:
     aliases = mlflow.MlflowClient().get_registered_model(model_name).aliases
@@ -132,7 +134,7 @@ def test_bad_input_changes_nothing(small_csv, small_table, model_name, ctcd_home
         data_path=small_csv, model_name=model_name, model_type="linear"
     )
     before = (_versions(model_name), _aliases(model_name))
-    pid = MLflowModelDeployer().find_model_server()[0].pid
+    pid = MLflowModelDeployer().find_model_server()[0].local.pid
     for name, kwargs, error in _bad_inputs(tmp_path, small_table):
         with pytest.raises(error) as info:
             continuous_deployment_pipeline(
@@ -141,7 +143,7 @@ def test_bad_input_changes_nothing(small_csv, small_table, model_name, ctcd_home
         assert name in str(info.value) or kwargs.get("target", "~") in str(info.value)
     assert (_versions(model_name), _aliases(model_name)) == before
     [record] = MLflowModelDeployer().find_model_server()
-    assert record.pid == pid and record.status.value == "active"
+    assert record.local.pid == pid and record.status.value == "active"
     assert _served(served.service.prediction_url)["model_version"] == served.model_version
 
 

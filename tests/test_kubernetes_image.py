@@ -28,13 +28,13 @@ import mlflow
 import pytest
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-from flows.model import FLOW_RUN_TAG
+from ctcd.names import FLOW_RUN_TAG
 from tests.kubelet import KubeletStandIn, podman_run_args
 from tests.processes import loopback_port, missing, start_logged, stop_group, wait_healthy
 from tests.test_prefect_deployments import _api, _make_deploy, _wait
 
 # The first test pays for the image build and a run in it (several minutes under load).
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.image, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IMAGE = "ctcd:test"
@@ -140,7 +140,7 @@ def prefect_deployed(tmp_path_factory) -> Iterator[dict[str, str]]:
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
-        CTCD_WARM_START="0",
+        CTCD_LOCAL_API="0",
     )
     port = loopback_port()
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]

@@ -13,7 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ctcd.serving.loadgen import Load, rows_in
+from ctcd.client import rows_in
+from ctcd.loadgen import Load
+
+pytestmark = pytest.mark.unit
 
 BODY = json.dumps({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2], [3, 4]]}}).encode()
 ANSWERS = [

@@ -21,6 +21,8 @@ from ctcd.exceptions import VaultError
 from tests.processes import stop_group
 from tests.test_vault import ROOT_TOKEN, _start_bao
 
+pytestmark = pytest.mark.kubernetes
+
 AK1, SK1 = "AKIA-first-access-id", "first-S3cret-access-key"
 AK2, SK2 = "AKIA-second-access-id", "second-S3cret-access-key"
 PLAIN_AK, PLAIN_SK = "AKIA-plain-access-id", "plain-S3cret-access-key"

@@ -34,6 +34,8 @@ from tests.processes import (
     stop_group,
 )
 
+pytestmark = pytest.mark.server
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -87,7 +89,7 @@ def server(request, tmp_path_factory) -> Iterator[dict[str, str]]:
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
-        CTCD_WARM_START="0",
+        CTCD_LOCAL_API="0",
     )
     if request.param == "postgresql":
         _create_database(database)
@@ -246,8 +248,8 @@ def test_the_loop_from_served_traffic_to_a_new_version(deployed, small_csv, tmp_
     drift monitor, run from its deployment on the served log, emits the event; the trigger
     trains on the newer data and continuous deployment swaps in v2. The client sees no failed
     request from start to end, and the log shows both versions."""
+    from ctcd.loadgen import Load
     from ctcd.sample import generate
-    from ctcd.serving.loadgen import Load
     from ctcd.serving.predlog import read_log
     from flows.data import feature_frame
 
@@ -309,11 +311,11 @@ def test_the_loop_from_served_traffic_to_a_new_version(deployed, small_csv, tmp_
         assert served.model_version == "2" and served.uuid == first.uuid
         assert len(_completed_runs(env, "continuous-training")) == 2
         _wait(
-            lambda: set(read_log(served.runtime_dir)["model_version"]) == {"1", "2"},
+            lambda: set(read_log(served.local.runtime_dir)["model_version"]) == {"1", "2"},
             30,
             "both versions in the log",
         )
-        log = read_log(served.runtime_dir)
+        log = read_log(served.local.runtime_dir)
         assert log["request_id"].str.startswith("loop-").all()
     finally:
         if load is not None:
@@ -448,11 +450,11 @@ def test_kubernetes_worker_submits_the_job(deployed, kube_api, tmp_path) -> None
     env_vars = {e["name"]: e.get("value") for e in container["env"]}
     assert job["metadata"]["namespace"] == "ctcd"
     assert container["image"] == "ctcd:latest"
-    assert spec["serviceAccountName"] == "ctcd"
+    assert spec["serviceAccountName"] == "ctcd-flows"  # deployments/kubernetes/
     assert container["resources"] == {
         "requests": {"cpu": "1", "memory": "2Gi"},
         "limits": {"cpu": "2", "memory": "4Gi"},
     }
     assert env_vars["PREFECT__FLOW_RUN_ID"] == str(run.id)
     assert env_vars["PREFECT_API_URL"] == deployed["PREFECT_API_URL"]
-    assert env_vars["CTCD_HOME"] == "/var/lib/ctcd" and env_vars["CTCD_WARM_START"] == "0"
+    assert env_vars["CTCD_HOME"] == "/var/lib/ctcd" and env_vars["CTCD_LOCAL_API"] == "0"

@@ -38,6 +38,8 @@ from flows.training import training_pipeline
 from tests.processes import loopback_port, start_logged, stop_group, wait_healthy
 from tests.test_vault import ROOT_TOKEN, _start_bao
 
+pytestmark = pytest.mark.server
+
 ADMIN_PASSWORD = "admin-Pa55word-for-tests"
 USER = "ctcd"
 PASSWORD = f"canary-{uuid.uuid4().hex}"  # planted: must be found nowhere the run wrote
@@ -86,6 +88,7 @@ def remote(tmp_path_factory) -> Iterator[dict[str, str]]:
             f"{uri}/api/2.0/mlflow/users/create",
             json={"username": USER, "password": PASSWORD},
             auth=("admin", ADMIN_PASSWORD),
+            timeout=60,  # the first request pays the auth app's set-up (seconds when loaded)
         )
         created.raise_for_status()
         root = hvac.Client(url=address, token=ROOT_TOKEN)
@@ -123,7 +126,10 @@ def remote(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 def _admin(remote: dict[str, str], path: str, **params: str) -> httpx.Response:
     return httpx.get(
-        f"{remote['uri']}/api/2.0/mlflow/{path}", params=params, auth=("admin", ADMIN_PASSWORD)
+        f"{remote['uri']}/api/2.0/mlflow/{path}",
+        params=params,
+        auth=("admin", ADMIN_PASSWORD),
+        timeout=60,
     )
 
 
@@ -177,7 +183,7 @@ def test_flows_and_cli_run_through_an_authenticated_server_and_leak_nothing(
     assert alias.json()["model_version"]["version"] == "1"
 
     # The leak scan: everything the run wrote or printed, and the model server's environment.
-    server_pid = MLflowModelDeployer().get_model_server(first.service.uuid).pid
+    server_pid = MLflowModelDeployer().get_model_server(first.service.uuid).local.pid
     APILogHandler().flush()
     prefect_db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///")[1]).parent
     roots = [prefect_db, Path(os.environ["PREFECT_HOME"]), Path(remote["dir"]), ctcd_home]

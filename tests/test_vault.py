@@ -19,6 +19,8 @@ from blocks import VaultCredentials, VaultSecret
 from ctcd.exceptions import VaultError
 from tests.processes import loopback_port, start_logged, stop_group, wait_healthy
 
+pytestmark = pytest.mark.server
+
 BAO = Path(sys.executable).with_name("bao")
 ROOT_TOKEN = "ctcd-test-root"
 OLD, NEW = "first-Pa55word-value", "second-Pa55word-value"

@@ -19,6 +19,8 @@ from ctcd.exceptions import VaultError
 from tests.processes import stop_group
 from tests.test_vault import ROOT_TOKEN, _start_bao
 
+pytestmark = pytest.mark.kubernetes
+
 NAMESPACE, ROLE = "ctcd-vault", "ctcd-flows"
 RUNNER, OTHER, RETIRED, REVIEWER = "flow-runner", "other", "retired", "vault-reviewer"
 PASSWORD = "k8s-Pa55word-value"

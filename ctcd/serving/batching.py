@@ -18,7 +18,6 @@ request at a time, exactly as without batching.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
@@ -30,35 +29,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow.pyfunc import PyFuncModel, _validate_prediction_input
+from mlflow.pyfunc import PyFuncModel
 from threadpoolctl import threadpool_limits
 
+from ctcd.serving import compat
 from ctcd.serving.forest import direct_predict
 from ctcd.serving.predlog import REQUEST_ID, PredictionLog, new_request_id
-
-DEFAULT_MAX_BATCH_SIZE = 256
-DEFAULT_MAX_BATCH_WAIT_MS = 0.0
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """`max_batch_size` rows per `predict` call (1 turns batching off); `max_batch_wait_ms`
-    a batch may wait for more requests once it has one."""
-
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS
-
-    @classmethod
-    def from_env(cls) -> BatchSettings:
-        """`CTCD_MAX_BATCH_SIZE` and `CTCD_MAX_BATCH_WAIT_MS` (set by the deployer)."""
-        size = int(os.environ.get("CTCD_MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE))
-        wait = float(os.environ.get("CTCD_MAX_BATCH_WAIT_MS", DEFAULT_MAX_BATCH_WAIT_MS))
-        if size < 1 or wait < 0:
-            raise ValueError(
-                f"CTCD_MAX_BATCH_SIZE must be >= 1 and CTCD_MAX_BATCH_WAIT_MS >= 0 "
-                f"(got {size} and {wait})"
-            )
-        return cls(size, wait)
+from ctcd.serving.settings import ServerSettings
 
 
 @dataclass
@@ -99,11 +76,11 @@ class BatchingModel:
     def __init__(
         self,
         model: PyFuncModel,
-        settings: BatchSettings | None = None,
+        settings: ServerSettings | None = None,
         log: PredictionLog | None = None,
     ) -> None:
         self.model = model
-        self.settings = settings or BatchSettings()
+        self.settings = settings or ServerSettings()
         self.log = log  # what MLflow's route scored is recorded here (fastpath records its own)
         meta: Any = model.metadata
         self.input_schema = meta.get_input_schema()
@@ -112,13 +89,12 @@ class BatchingModel:
         self.enabled = (
             self.settings.max_batch_size > 1
             and self.input_schema is not None
-            and not meta._is_signature_from_type_hint()
-            and not meta._is_type_hint_from_example()
+            and not compat.signature_from_type_hints(model)
         )
         # Forests are scored tree by tree without joblib (ctcd.serving.forest); the same result.
-        estimator = getattr(model._model_impl, "sklearn_model", None)
+        estimator = compat.sklearn_estimator(model)
         direct = direct_predict(estimator) if estimator is not None else None
-        self._predict: Callable[[pd.DataFrame], Any] = direct or model._predict_fn
+        self._predict: Callable[[pd.DataFrame], Any] = direct or compat.raw_predict(model)
         self._waiting: deque[_Request] = deque()
         self._ready = threading.Condition()
         self.batches = 0  # predict calls made by the scoring thread
@@ -138,9 +114,7 @@ class BatchingModel:
             result = self.model.predict(data, params=params)
             self._record(data, result)
             return result
-        frame, _ = _validate_prediction_input(
-            data, params, self.input_schema, self.params_schema, self.model.loader_module
-        )
+        frame = compat.validate_input(self.model, data, params)
         if not isinstance(frame, pd.DataFrame):
             result = self.model.predict(data, params=params)
         else:
@@ -229,19 +203,13 @@ def _settle(result: Future[Any], compute: Callable[[], Any]) -> None:
         result.set_exception(err)
 
 
-def model_threads() -> int:
-    """Threads the served model may use per worker: `CTCD_MODEL_THREADS`, default 1; 0 leaves
-    the model's own settings (e.g. a forest trained with `n_jobs=-1` uses every core)."""
-    return max(0, int(os.environ.get("CTCD_MODEL_THREADS", "1")))
-
-
 def set_threads(model: PyFuncModel, threads: int) -> None:
     """Give the loaded model `threads` threads (0: leave it as it is): every scikit-learn
     `n_jobs` parameter of the estimator (a Pipeline's steps included) and, process-wide, the
     BLAS and OpenMP pools. Only the loaded copy changes, never the registered artifact."""
     if threads < 1:
         return
-    estimator = getattr(model._model_impl, "sklearn_model", None)
+    estimator = compat.sklearn_estimator(model)
     if estimator is not None and hasattr(estimator, "get_params"):
         jobs = [key for key in estimator.get_params() if key.split("__")[-1] == "n_jobs"]
         estimator.set_params(**dict.fromkeys(jobs, threads))

@@ -1,6 +1,6 @@
 """Request limits and client-error answers for the model server, as pure ASGI middleware.
 
-`RequestGuard` caps POST bodies at `CTCD_MAX_BODY_BYTES` (default 16 MiB) without buffering
+`RequestGuard` caps POST bodies at the server's `max_body_bytes` (default 16 MiB) without buffering
 them, and turns the few malformed requests MLflow's scoring app fails on with a 500 into
 4xx answers that say what was wrong. It does not mask server faults: only exceptions raised
 inside MLflow's decoding of a JSON body are answered as the client's error (400); any other
@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import traceback
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-logger = logging.getLogger("ctcd.serving")
+from ctcd.serving.compat import raised_while_parsing
 
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-# MLflow's scoring-server function that decodes a JSON body into model input. Exceptions
-# from below it are the body's fault (too deeply nested, integers of over 4,300 digits,
-# unhashable column names); MLflow turns most such errors into 400s but lets these escape.
-_PARSING = ("mlflow.pyfunc.scoring_server", "_parse_json_data")
+logger = logging.getLogger("ctcd.serving")
 
 
 class _TooLarge(Exception):
@@ -30,24 +24,11 @@ class _TooLarge(Exception):
     stop the app reading; the middleware then answers 413."""
 
 
-def max_body_bytes() -> int:
-    """The body-size limit in bytes: `CTCD_MAX_BODY_BYTES`, default 16 MiB."""
-    return int(os.environ.get("CTCD_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
-
-
 def _unwrap(exc: BaseException) -> BaseException:
     """The single exception inside (nested) exception groups, or `exc` itself."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-def _raised_while_parsing(exc: BaseException) -> bool:
-    """Whether `exc` came from inside MLflow's decoding of the request body."""
-    return any(
-        (frame.f_globals.get("__name__"), frame.f_code.co_name) == _PARSING
-        for frame, _ in traceback.walk_tb(exc.__traceback__)
-    )
 
 
 async def _answer(send: Send, status: int, error_code: str, message: str) -> None:
@@ -66,14 +47,14 @@ class RequestGuard:
     limit, if the app has not started its response.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
-        self.max_bytes = max_body_bytes() if max_bytes is None else max_bytes
+        self.max_bytes = max_bytes
 
     def _too_large(self) -> str:
         return (
             f"The request body is larger than this server's limit of {self.max_bytes:,} bytes "
-            "(CTCD_MAX_BODY_BYTES). Send fewer rows per request: split the batch into "
+            "(the deployer's `max_body_bytes`). Send fewer rows per request: split the batch into "
             "several smaller requests."
         )
 
@@ -123,7 +104,8 @@ class RequestGuard:
             cause = _unwrap(exc)
             if not isinstance(cause, RecursionError | ValueError | TypeError):
                 raise
-            if not _raised_while_parsing(cause):
+            # too deeply nested, integers of over 4,300 digits, unhashable column names, ...
+            if not raised_while_parsing(cause):
                 raise
             logger.warning("answered 400 to an unparsable request body: %r", cause)
             detail = "it is nested too deeply" if isinstance(cause, RecursionError) else repr(cause)
