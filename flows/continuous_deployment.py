@@ -138,7 +138,7 @@ def gate_and_deploy(
         RunFacts(reg, metrics, dataset.source, dataset.sha256, len(data.x_test)),
         verdict,
         champion,
-        service.prediction_url if service else None,
+        service,
     )
     return DeploymentResult(
         metrics=metrics,
