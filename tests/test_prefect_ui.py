@@ -115,8 +115,10 @@ def test_the_run_link_opens_the_run_on_ctcds_own_server(
     wait_text(driver, "register_model")
     assert _api_calls(driver) == {ui}
 
-    # The UI's runs list (V1, and V2 where the UI's root leads) shows this server's runs and
-    # not the other server's.
+    # The UI's root opens the V1 UI, as the run links do (its block Edit form keeps nested
+    # blocks: blocks/ui.py); its runs list and V2's show this server's runs, not the other's.
+    open_page(driver, f"{ui}/")
+    wait_text(driver, "Switch to V2 UI")
     for page in (f"{ui}/runs", f"{ui}/v2/runs"):
         open_page(driver, page)
         wait_text(driver, run["name"])
