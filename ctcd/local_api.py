@@ -46,6 +46,7 @@ class LocalServer:
     port: int
     log: str
     prefect_home: str
+    ui_api_url: str | None = None  # what its UI was told; None in records of ctcd before it
 
     @property
     def url(self) -> str:
@@ -119,7 +120,14 @@ def _spawn() -> LocalServer:
     log = _folder() / "server.log"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     cmd += ["--port", str(port)]
+    # `--port` moves the API but not what the UI is told (`/ui-settings`: the configured server
+    # port, 4200 by default), so the UI would call another server or none: tell it. The UI's
+    # root opens the V1 UI, the one the run links open (and whose block Edit form keeps nested
+    # blocks: see blocks/ui.py); "Switch to V2 UI" is one click away.
+    api_url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.update(PREFECT_SERVER_UI_API_URL=api_url, PREFECT_UI_URL=f"http://127.0.0.1:{port}")
+    env.setdefault("PREFECT_SERVER_UI_V2_ENABLED", "false")
     env.pop("PREFECT_API_URL", None)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -128,9 +136,8 @@ def _spawn() -> LocalServer:
         )  # fmt: skip
     import psutil
 
-    server = LocalServer(
-        proc.pid, psutil.Process(proc.pid).create_time(), port, str(log), _prefect_home()
-    )
+    created = psutil.Process(proc.pid).create_time()
+    server = LocalServer(proc.pid, created, port, str(log), _prefect_home(), api_url)
     tmp = _folder() / ".server.json.tmp"
     tmp.write_text(json.dumps(asdict(server)))
     tmp.replace(_folder() / "server.json")
@@ -141,8 +148,11 @@ def ensure() -> LocalServer:
     """The running server for this CTCD_HOME and PREFECT_HOME, started if there is none."""
     with _locked():
         server = recorded()
-        if server is not None and server.prefect_home != _prefect_home():
-            stop(server)  # it serves another PREFECT_HOME's database
+        if server is not None and (
+            server.prefect_home != _prefect_home()  # it serves another database
+            or server.ui_api_url != server.api_url  # its UI calls another port (older ctcd)
+        ):
+            stop(server)
             server = None
         return server or _spawn()
 
