@@ -1,9 +1,6 @@
 """What the app reads from MLflow: the served version's training sample (input ranges and
 defaults), the registry's versions with their metrics and gate decisions, evaluation plots.
-
-The artifact paths and tags are the ones the flows write (flows/model.py REFERENCE_PATH,
-flows/evaluation.py EVALUATION_DIR, flows/continuous_deployment.py GATE_TAG); the app does
-not import `flows`, whose import starts a Prefect API server for one-shot runs.
+The names (artifact paths, tags, aliases) are the flows' own, from `ctcd.names`.
 """
 
 from __future__ import annotations
@@ -14,13 +11,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctcd.metrics import METRICS
+from ctcd.names import CHAMPION, EVALUATION_DIR, GATE_TAG, IMPORTANCE_TAG
+from ctcd.reference import Reference
 from ctcd.settings import tracking_uri
-
-REFERENCE_PATH = "reference/reference.parquet"
-EVALUATION_DIR = "evaluation"
-GATE_TAG = "ctcd.gate"
-IMPORTANCE_TAG = "ctcd.feature_importance"
-METRICS = ("mse", "rmse", "mae", "r2")
 
 
 @dataclass(frozen=True)
@@ -32,19 +26,6 @@ class FeatureRange:
     high: float
     default: float
     integer: bool
-
-
-@dataclass(frozen=True)
-class Reference:
-    run_id: str
-    target: str
-    features: list[FeatureRange]
-    rows: int
-    dtypes: dict[str, str]
-
-    @property
-    def names(self) -> list[str]:
-        return [f.name for f in self.features]
 
 
 def _client() -> Any:
@@ -67,29 +48,17 @@ def _range(name: str, values: pd.Series) -> FeatureRange:
     return FeatureRange(name, float(values.min()), float(values.max()), median, integer)
 
 
-def load_reference(model_name: str, version: str) -> Reference:
-    """Ranges and defaults of the version's features, from the training sample stored with
-    its MLflow run (the same sample the drift monitor compares new data with)."""
-    import mlflow
-
-    run_id = run_of(model_name, version)
-    params = _client().get_run(run_id).data.params
-    path = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=REFERENCE_PATH, tracking_uri=tracking_uri()
-    )
-    frame = pd.read_parquet(path)
-    target = params.get("target", "review_score")
-    names = params["features"].split(",") if params.get("features") else None
-    names = names or [c for c in frame.columns if c != target]
-    ranges = [_range(n, frame[n]) for n in names]
-    return Reference(run_id, target, ranges, len(frame), {n: str(frame[n].dtype) for n in names})
+def feature_ranges(reference: Reference) -> list[FeatureRange]:
+    """Range and default of each feature in the version's training sample (`ctcd.reference`,
+    the sample the drift monitor compares new data with)."""
+    return [_range(name, reference.frame[name]) for name in reference.names]
 
 
 def versions_table(model_name: str, served: str | None) -> pd.DataFrame:
     """Every registered version, newest first: aliases, whether it serves, metrics on its
     held-out rows and the gate's decision."""
     client = _client()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for version in client.search_model_versions(f"name = '{model_name}'"):
         metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
         rows.append(
@@ -111,7 +80,7 @@ def champion_version(model_name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(_client().get_model_version_by_alias(model_name, "champion").version)
+        return str(_client().get_model_version_by_alias(model_name, CHAMPION).version)
     except MlflowException:
         return None
 

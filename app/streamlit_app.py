@@ -21,6 +21,7 @@ import streamlit as st
 from app import model_data as md
 from app.connection import Connection, PredictionError, connect, predict
 from blocks.service import ServiceRecord
+from ctcd.reference import Reference, load_reference
 from ctcd.settings import tracking_uri
 
 DEFAULT_MODEL = "customer-satisfaction"
@@ -35,8 +36,8 @@ def _options() -> argparse.Namespace:
 
 
 @st.cache_data(show_spinner=False)
-def _reference(model_name: str, version: str, uri: str) -> md.Reference:
-    return md.load_reference(model_name, version)
+def _reference(model_name: str, version: str, uri: str) -> Reference:
+    return load_reference(model_name, version)
 
 
 @st.cache_data(show_spinner=False)
@@ -87,14 +88,14 @@ def _feature_input(feature: md.FeatureRange) -> None:
     )
 
 
-def _single(service: ServiceRecord, reference: md.Reference) -> None:
+def _single(service: ServiceRecord, reference: Reference) -> None:
     st.caption(
         f"Inputs range over the {reference.rows:,}-row training sample stored with version "
         f"{service.model_version}; each starts at its median."
     )
     with st.form("single"):
         columns = st.columns(3)
-        for i, feature in enumerate(reference.features):
+        for i, feature in enumerate(md.feature_ranges(reference)):
             with columns[i % 3]:
                 _feature_input(feature)
         submitted = st.form_submit_button("Predict", type="primary")
@@ -119,7 +120,7 @@ def _read_csv(upload: Any) -> pd.DataFrame | None:
         return None
 
 
-def _batch(service: ServiceRecord, reference: md.Reference) -> None:
+def _batch(service: ServiceRecord, reference: Reference) -> None:
     upload = st.file_uploader("A CSV file with the feature columns", type=["csv"])
     st.caption("Columns: " + ", ".join(f"`{n}`" for n in reference.names))
     if upload is None:

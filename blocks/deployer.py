@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from blocks.service import ServiceRecord, ServiceState
 from ctcd.exceptions import RollbackError, ServiceNotFoundError
+from ctcd.names import CHAMPION
 
 
 class DeploymentConfig(BaseModel):
@@ -139,7 +140,7 @@ class BaseModelDeployer(Block):
             run_id=version.run_id,
         )
         served = self.deploy_model(config, replace=True, timeout=timeout)
-        client.set_registered_model_alias(record.model_name, "champion", config.model_version)
+        client.set_registered_model_alias(record.model_name, CHAMPION, config.model_version)
         return served
 
     def get_logs(self, uuid: str, tail: int | None = None) -> list[str]:

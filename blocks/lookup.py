@@ -12,8 +12,6 @@ from blocks.seldon_deployer import SeldonModelDeployer
 from blocks.service import ServiceRecord
 from ctcd.exceptions import DeployerNotFoundError, ServiceNotFoundError
 
-DEFAULT_PIPELINE = "continuous-deployment-pipeline"
-DEFAULT_STEP = "deploy_model"
 # Importing the deployer classes registers them, so `Block.load("slug/name")` finds them.
 DEPLOYERS: tuple[type[BaseModelDeployer], ...] = (MLflowModelDeployer, SeldonModelDeployer)
 

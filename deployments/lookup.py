@@ -11,15 +11,10 @@ re-exported here; `find_service_for_latest_run` asks Prefect's API, so it stays 
 from __future__ import annotations
 
 from blocks.deployer import BaseModelDeployer
-from blocks.lookup import (
-    DEFAULT_PIPELINE,
-    DEFAULT_STEP,
-    as_deployer,
-    find_service,
-    load_deployer,
-)
+from blocks.lookup import as_deployer, find_service, load_deployer
 from blocks.service import ServiceRecord
 from ctcd.exceptions import ServiceNotFoundError
+from ctcd.names import DEFAULT_PIPELINE, DEFAULT_STEP
 
 __all__ = [
     "DEFAULT_PIPELINE",

@@ -9,14 +9,24 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from blocks.deployer import DeploymentConfig
-from blocks.lookup import DEFAULT_PIPELINE, DEFAULT_STEP, load_deployer
+from blocks.lookup import load_deployer
 from blocks.service import ServiceRecord
 from blocks.tracking import use_tracking
 from ctcd.exceptions import DataError, ModelConfigError
+from ctcd.names import (
+    CHALLENGER,
+    CHAMPION,
+    DATA_SHA_TAG,
+    DATA_SOURCE_TAG,
+    DEFAULT_PIPELINE,
+    DEFAULT_STEP,
+    FLOW_RUN_TAG,
+    GATE_TAG,
+)
 from flows import ctcd_flow
 from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data
 from flows.gate import DeploymentCriteria, deployment_trigger, evaluate_champion
-from flows.model import FLOW_RUN_TAG, ModelType, RegisteredModel
+from flows.model import ModelType, RegisteredModel
 from flows.report import RunFacts, publish_report
 from flows.results import DeploymentResult
 from flows.training import train_and_register
@@ -42,9 +52,6 @@ def deploy_model(
         flow_run_id=flow_run.get_id(),
     )
     return load_deployer(deployer).deploy_model(config, replace=True, timeout=timeout)
-
-
-GATE_TAG = "ctcd.gate"
 
 
 def _record_gate(model_name: str, version: str, alias: str, decision: str) -> None:
@@ -105,9 +112,9 @@ def gate_and_deploy(
     verdict = ("deployed: " if decision.passed else "refused: ") + decision.reason
     if decision.passed:
         service = deploy_model(reg, deployer)
-        _record_gate(reg.model_name, reg.model_version, "champion", verdict)
+        _record_gate(reg.model_name, reg.model_version, CHAMPION, verdict)
     else:
-        _record_gate(reg.model_name, reg.model_version, "challenger", verdict)
+        _record_gate(reg.model_name, reg.model_version, CHALLENGER, verdict)
         running = load_deployer(deployer).find_model_server(
             pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=reg.model_name
         )
@@ -197,8 +204,8 @@ def deploy_model_version(
         reg, metrics, tags = find_registered_version(
             model_name, model_version, training_flow_run_id
         )
-        dataset = ingest_data(tags["ctcd.data_source"])
-        if dataset.sha256 != tags["ctcd.data_sha256"]:
+        dataset = ingest_data(tags[DATA_SOURCE_TAG])
+        if dataset.sha256 != tags[DATA_SHA_TAG]:
             raise DataError(
                 f"'{dataset.source}' changed since {model_name} v{reg.model_version} was "
                 "trained on it (its SHA-256 differs), so its held-out rows cannot be rebuilt. "

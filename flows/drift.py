@@ -14,7 +14,6 @@ served rows says so and emits nothing.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -28,18 +27,11 @@ from scipy.stats import ks_2samp
 
 from blocks.tracking import use_tracking
 from ctcd.exceptions import DataContractError, ModelServerError
+from ctcd.metrics import score
+from ctcd.names import DRIFT_DETECTED, model_resource
+from ctcd.reference import Reference, load_reference
 from flows import ctcd_flow
 from flows.data import Dataset, feature_frame, ingest_data
-from flows.model import REFERENCE_PATH, score
-
-DRIFT_EVENT = "ctcd.drift.detected"
-
-
-@dataclass(frozen=True)
-class Reference:
-    model_name: str
-    model_version: str
-    frame: pd.DataFrame
 
 
 class FeatureDrift(BaseModel):
@@ -126,17 +118,9 @@ def output_drift(
 
 
 @task(cache_policy=NO_CACHE)
-def load_reference(model_name: str, alias: str = "champion") -> Reference:
-    """The training sample stored with the version holding `alias`."""
-    import mlflow
-
-    from ctcd.settings import configure_mlflow
-
-    configure_mlflow(model_name)
-    client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias(model_name, alias)
-    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=REFERENCE_PATH)
-    return Reference(model_name, str(version.version), pd.read_parquet(path))
+def champion_reference(model_name: str) -> Reference:
+    """The training sample stored with the champion version (`ctcd.reference`)."""
+    return load_reference(model_name)
 
 
 def psi(reference: pd.Series, batch: pd.Series, bins: int = 10) -> float:
@@ -217,7 +201,7 @@ def drift_monitor(
     `MLflowTracking` block's name, where the champion is registered; `deployer`: a saved
     deployer block whose server to read (default: the local servers)."""
     with use_tracking(tracking):
-        reference = load_reference(model_name)
+        reference = champion_reference(model_name)
         if data_path is None:
             report = _served_report(
                 reference, model_name, target, psi_threshold, ks_alpha, window, min_rows, deployer
@@ -247,8 +231,8 @@ def drift_monitor(
         return report
     if report.drifted:
         emit_event(
-            event=DRIFT_EVENT,
-            resource={"prefect.resource.id": f"ctcd.model.{model_name}", "ctcd.model": model_name},
+            event=DRIFT_DETECTED,
+            resource=model_resource(model_name),
             payload={
                 "drifted_features": report.drifted_features,
                 "output_drift": bool(report.output and report.output.drifted),

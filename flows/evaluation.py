@@ -24,12 +24,12 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.pipeline import Pipeline
 
+from ctcd.names import EVALUATION_DIR, IMPORTANCE_TAG
 from flows.data import CleanData
 
 PLOT_ROWS = 2_000
 PERMUTATION_ROWS = 500
 PERMUTATION_REPEATS = 2
-EVALUATION_DIR = "evaluation"
 SEED = 42
 DPI = 90
 DISCRETE_LEVELS = 10  # a target with this few distinct values is drawn as one box per value
@@ -165,4 +165,4 @@ def log_plots(plots: EvaluationPlots) -> None:
             (Path(tmp) / name).write_bytes(image)
         mlflow.log_artifacts(tmp, artifact_path=EVALUATION_DIR)
     if plots.importance:
-        mlflow.set_tag("ctcd.feature_importance", plots.importance)
+        mlflow.set_tag(IMPORTANCE_TAG, plots.importance)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
+from ctcd.metrics import Metric, at_least_as_good, score
+from ctcd.names import CHAMPION
 from flows.data import CleanData
-from flows.model import score
-
-Metric = Literal["mse", "rmse", "mae", "r2"]
 
 
 class DeploymentCriteria(BaseModel):
@@ -54,7 +52,7 @@ def evaluate_champion(model_name: str, data: CleanData) -> ChampionScore | None:
 
     client = mlflow.MlflowClient()
     try:
-        version = client.get_model_version_by_alias(model_name, "champion").version
+        version = client.get_model_version_by_alias(model_name, CHAMPION).version
     except MlflowException:
         return None
     try:
@@ -65,11 +63,6 @@ def evaluate_champion(model_name: str, data: CleanData) -> ChampionScore | None:
         return ChampionScore(str(version), None, note[:400])
 
 
-def _better(metric: Metric, a: float, b: float) -> bool:
-    """a is at least as good as b."""
-    return a >= b if metric == "r2" else a <= b
-
-
 @task(cache_policy=NO_CACHE)
 def deployment_trigger(
     metrics: dict[str, float], criteria: DeploymentCriteria, champion: ChampionScore | None
@@ -78,7 +71,7 @@ def deployment_trigger(
     `must_beat_champion`, the candidate is at least as good as the champion."""
     name, value, limit = criteria.metric, metrics[criteria.metric], criteria.threshold
     sign = ">=" if name == "r2" else "<="
-    if not _better(name, value, limit):
+    if not at_least_as_good(name, value, limit):
         return GateDecision(
             False,
             f"{name} {value:.4f} misses the threshold ({sign} {limit:.4f}) by "
@@ -94,7 +87,7 @@ def deployment_trigger(
         return GateDecision(True, f"{head}; {champion.note}, so the candidate replaces it")
     best = champion.metrics[name]
     gap = abs(value - best)
-    if _better(name, value, best):
+    if at_least_as_good(name, value, best):
         versus = f"better by {gap:.4f}" if gap > 0 else "a tie"
         return GateDecision(
             True,

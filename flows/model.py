@@ -9,7 +9,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -18,11 +17,12 @@ from sklearn.base import RegressorMixin
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LinearRegression
-from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ctcd.exceptions import ModelConfigError
+from ctcd.metrics import score
+from ctcd.names import DATA_SHA_TAG, DATA_SOURCE_TAG, FLOW_RUN_TAG
 from flows.data import CleanData, Dataset
 from flows.evaluation import EvaluationPlots, log_plots
 
@@ -83,16 +83,6 @@ def train_model(
     return model
 
 
-def score(y_true: pd.Series, y_pred: np.ndarray) -> dict[str, float]:
-    mse = float(mean_squared_error(y_true, y_pred))
-    return {
-        "mse": mse,
-        "rmse": float(np.sqrt(mse)),
-        "mae": float(mean_absolute_error(y_true, y_pred)),
-        "r2": float(r2_score(y_true, y_pred)),
-    }
-
-
 @task(cache_policy=NO_CACHE)
 def evaluate_model(model: Pipeline, data: CleanData) -> dict[str, float]:
     """mse, rmse, mae and r2 on the held-out 20 %."""
@@ -118,9 +108,7 @@ def _log_dataset(dataset: Dataset, data: CleanData, target: str) -> None:
     mlflow.log_input(ml_dataset, context="training")
 
 
-FLOW_RUN_TAG = "ctcd.prefect_flow_run_id"
 REFERENCE_ROWS = 5_000
-REFERENCE_PATH = "reference/reference.parquet"
 
 
 def _log_reference(data: CleanData, target: str) -> None:
@@ -172,7 +160,7 @@ def register_model(
         mlflow.log_params({"model_type": model_type, "target": target, **params})
         mlflow.log_params({"data_rows": len(dataset.frame), "features": ",".join(data.features)})
         mlflow.log_metrics(metrics)
-        mlflow.set_tags({"ctcd.data_sha256": dataset.sha256, "ctcd.data_source": dataset.source})
+        mlflow.set_tags({DATA_SHA_TAG: dataset.sha256, DATA_SOURCE_TAG: dataset.source})
         mlflow.set_tag(FLOW_RUN_TAG, flow_run.get_id() or "")
         mlflow.set_tags(tags or {})
         _log_dataset(dataset, data, target)

@@ -26,13 +26,11 @@ from pydantic import BaseModel
 
 from blocks.tracking import use_tracking
 from ctcd.exceptions import DataContractError, DataError
+from ctcd.metrics import HIGHER_IS_BETTER, METRICS, score
+from ctcd.names import CHAMPION, PERFORMANCE_DEGRADED, model_resource
 from flows import ctcd_flow
 from flows.data import read_table
 from flows.drift import served_traffic
-from flows.model import score
-
-DEGRADED_EVENT = "ctcd.performance.degraded"
-HIGHER_IS_WORSE = {"rmse": True, "mse": True, "mae": True, "r2": False}
 
 
 class OutcomeReport(BaseModel):
@@ -85,15 +83,15 @@ def champion_figures(model_name: str) -> tuple[str, dict[str, float]]:
 
     configure_mlflow(model_name)
     client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias(model_name, "champion")
+    version = client.get_model_version_by_alias(model_name, CHAMPION)
     metrics = client.get_run(str(version.run_id)).data.metrics
-    return str(version.version), {k: float(v) for k, v in metrics.items() if k in HIGHER_IS_WORSE}
+    return str(version.version), {k: float(v) for k, v in metrics.items() if k in METRICS}
 
 
 def judge(live: float, offline: float, metric: str, margin: float) -> tuple[bool, str]:
     """Whether the live figure is worse than the offline one by more than `margin` (relative
     for error metrics, absolute for r2), and why."""
-    if HIGHER_IS_WORSE[metric]:
+    if not HIGHER_IS_BETTER[metric]:
         limit = offline * (1 + margin)
         worse = live > limit
         how = f"live {metric} {live:.4f} vs champion's {offline:.4f} (limit {limit:.4f})"
@@ -126,8 +124,8 @@ def record_outcomes(
             f"'{key}' each prediction was answered with, e.g. `prefect deployment run "
             "record-outcomes/record-outcomes --param data_path=reviews.csv`."
         )
-    if metric not in HIGHER_IS_WORSE:
-        raise ValueError(f"metric must be one of {', '.join(HIGHER_IS_WORSE)}, not {metric!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
     path = Path(data_path).expanduser()
     outcomes = read_table(path)
     served = served_traffic(model_name, window, deployer)
@@ -165,8 +163,7 @@ def record_outcomes(
         reason=reason,
     )
     table = "\n".join(
-        f"| {name} | {live[name]:.4f} | {offline.get(name, float('nan')):.4f} |"
-        for name in HIGHER_IS_WORSE
+        f"| {name} | {live[name]:.4f} | {offline.get(name, float('nan')):.4f} |" for name in METRICS
     )
     create_markdown_artifact(
         key=f"outcomes-{model_name}".lower(),
@@ -179,8 +176,8 @@ def record_outcomes(
     )
     if degraded:
         emit_event(
-            event=DEGRADED_EVENT,
-            resource={"prefect.resource.id": f"ctcd.model.{model_name}", "ctcd.model": model_name},
+            event=PERFORMANCE_DEGRADED,
+            resource=model_resource(model_name),
             payload={
                 "metric": metric,
                 "live": live[metric],

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from prefect.artifacts import create_markdown_artifact
 
+from ctcd.names import EVALUATION_DIR, IMPORTANCE_TAG
 from ctcd.settings import run_link
-from flows.evaluation import EVALUATION_DIR
 from flows.gate import ChampionScore
 from flows.model import RegisteredModel
 
@@ -57,7 +57,7 @@ def _plots(run_id: str) -> str:
     names = [a.path for a in client.list_artifacts(run_id, EVALUATION_DIR) if not a.is_dir]
     if not names:
         return "none logged"
-    kind = client.get_run(run_id).data.tags.get("ctcd.feature_importance")
+    kind = client.get_run(run_id).data.tags.get(IMPORTANCE_TAG)
     listed = ", ".join(f"`{name}`" for name in names)
     return listed + (f"; feature importance: {kind}" if kind else "")
 

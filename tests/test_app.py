@@ -10,10 +10,8 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app import model_data
 from blocks import MLflowModelDeployer
-from flows import continuous_deployment, evaluation
-from flows import model as flows_model
+from ctcd.names import REFERENCE_PATH
 from tests.conftest import SERVED_MODEL
 
 pytestmark = pytest.mark.server
@@ -40,12 +38,6 @@ def _predict(at: AppTest) -> AppTest:
     return at.button[0].click().run()
 
 
-def test_app_reads_its_constants_from_what_the_flows_write():
-    assert model_data.REFERENCE_PATH == flows_model.REFERENCE_PATH
-    assert model_data.EVALUATION_DIR == evaluation.EVALUATION_DIR
-    assert model_data.GATE_TAG == continuous_deployment.GATE_TAG
-
-
 def test_no_server_says_so_and_shows_the_deploy_command(app, versions, ctcd_home):
     at = app.run()
     assert not at.exception
@@ -67,7 +59,7 @@ def test_single_prediction_follows_swaps_and_a_stopped_server(app, versions, ctc
 
     # Ranges and defaults come from the training sample stored with the served version.
     path = mlflow.artifacts.download_artifacts(
-        run_id=versions["good"].run_id, artifact_path=model_data.REFERENCE_PATH
+        run_id=versions["good"].run_id, artifact_path=REFERENCE_PATH
     )
     sample = pd.read_parquet(path)
     price = at.number_input(key="feature:price")

@@ -13,10 +13,12 @@ from prefect.client.orchestration import get_client
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
 from ctcd.exceptions import DataContractError
+from ctcd.names import DRIFT_DETECTED
+from ctcd.reference import Reference
 from ctcd.sample import generate
 from flows.continuous_deployment import continuous_deployment_pipeline
 from flows.data import Dataset, clean_data
-from flows.drift import DRIFT_EVENT, Reference, compute_drift, drift_monitor, psi
+from flows.drift import compute_drift, drift_monitor, psi
 
 pytestmark = pytest.mark.server
 
@@ -78,7 +80,7 @@ def test_drift_monitor_end_to_end(small_csv, model_name, ctcd_home, tmp_path: Pa
     assert report.drifted_features == ["price"]
 
     resource = EventResourceFilter(id=[f"ctcd.model.{model_name}"])
-    wanted = EventFilter(event=EventNameFilter(name=[DRIFT_EVENT]), resource=resource)
+    wanted = EventFilter(event=EventNameFilter(name=[DRIFT_DETECTED]), resource=resource)
     events = []
     with get_client(sync_client=True) as client:
         for _ in range(50):  # events are written asynchronously
@@ -108,7 +110,7 @@ def _logged(model_name: str, rows: int) -> None:
 
 def _drift_events(model_name: str) -> list:
     resource = EventResourceFilter(id=[f"ctcd.model.{model_name}"])
-    wanted = EventFilter(event=EventNameFilter(name=[DRIFT_EVENT]), resource=resource)
+    wanted = EventFilter(event=EventNameFilter(name=[DRIFT_DETECTED]), resource=resource)
     with get_client(sync_client=True) as client:
         return client.read_events(filter=wanted, limit=10).events
 

@@ -28,7 +28,7 @@ import mlflow
 import pytest
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-from flows.model import FLOW_RUN_TAG
+from ctcd.names import FLOW_RUN_TAG
 from tests.kubelet import KubeletStandIn, podman_run_args
 from tests.processes import loopback_port, missing, start_logged, stop_group, wait_healthy
 from tests.test_prefect_deployments import _api, _make_deploy, _wait

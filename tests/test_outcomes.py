@@ -15,17 +15,18 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 
 from blocks.lookup import find_service
 from ctcd.exceptions import DataContractError
+from ctcd.names import PERFORMANCE_DEGRADED
 from ctcd.sample import generate
 from flows.continuous_deployment import continuous_deployment_pipeline
 from flows.data import feature_frame
-from flows.outcomes import DEGRADED_EVENT, record_outcomes
+from flows.outcomes import record_outcomes
 
 pytestmark = pytest.mark.server
 
 
 def _events(model_name: str) -> list:
     resource = EventResourceFilter(id=[f"ctcd.model.{model_name}"])
-    wanted = EventFilter(event=EventNameFilter(name=[DEGRADED_EVENT]), resource=resource)
+    wanted = EventFilter(event=EventNameFilter(name=[PERFORMANCE_DEGRADED]), resource=resource)
     with get_client(sync_client=True) as client:
         return client.read_events(filter=wanted, limit=10).events
 

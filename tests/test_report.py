@@ -12,11 +12,12 @@ from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+from ctcd.names import FLOW_RUN_TAG, GATE_TAG
 from ctcd.sample import generate
-from flows.continuous_deployment import GATE_TAG, continuous_deployment_pipeline
+from flows.continuous_deployment import continuous_deployment_pipeline
 from flows.data import Dataset, clean_data
 from flows.evaluation import plot_evaluation
-from flows.model import FLOW_RUN_TAG, train_model
+from flows.model import train_model
 from flows.training import training_pipeline
 from tests.conftest import FAST_RF
 
