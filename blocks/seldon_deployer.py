@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse
 
-from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect_kubernetes.credentials import KubernetesClusterConfig
 from pydantic import Field, HttpUrl
 
+from blocks import kube
 from blocks import seldon_manifest as sm
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.object_store import ObjectStoreCredentials
@@ -23,28 +23,16 @@ from ctcd.exceptions import ModelServerError
 T = TypeVar("T")
 
 
+HINT = (
+    "404: is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace there? "
+    "401/403: the credentials need get/list/create/update/delete on seldondeployments and "
+    "secrets, and list on deployments and pods (pods/log: get)."
+)
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one API operation; connection and permission failures become clear errors."""
-    from aiohttp import ClientConnectionError
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    try:
-        result: T = run_coro_as_sync(coro)
-    except ClientConnectionError as err:
-        raise ModelServerError(
-            "Reaching the Kubernetes API", str(err),
-            hint="Check the deployer's `cluster_config` (or KUBECONFIG / the in-cluster config).",
-        ) from err  # fmt: skip
-    except ApiException as err:
-        if err.status not in (401, 403, 404):
-            raise
-        raise ModelServerError(
-            "Calling the Kubernetes API", f"HTTP {err.status} {err.reason}",
-            hint="404: is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace "
-            "there? 401/403: the credentials need get/list/create/update/delete on "
-            "seldondeployments and secrets, and list on deployments and pods (pods/log: get).",
-        ) from None  # fmt: skip
-    return result
+    return kube.run(coro, HINT)
 
 
 class SeldonModelDeployer(BaseModelDeployer):
@@ -290,23 +278,9 @@ class SeldonModelDeployer(BaseModelDeployer):
             await api.delete_secret_if_unused(self.secret_name, deleted)
 
     def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:
-        async def run() -> list[str]:
-            async with self._api() as api:
-                pods = await api.core.list_namespaced_pod(
-                    api.namespace, label_selector=f"{sm.OWNER_LABEL}={record.resource_name}"
-                )
-                if not pods.items:
-                    return [
-                        f"No predictor pods exist for SeldonDeployment {record.resource_name} "
-                        f"in namespace {api.namespace} (stopped, or not scheduled yet): "
-                        "there is no log to show."
-                    ]
-                lines: list[str] = []
-                for pod in pods.items:
-                    lines.extend(await _pod_log(api, pod, tail, len(pods.items) > 1))
-                return lines
-
-        return _run(run())
+        selector = f"{sm.OWNER_LABEL}={record.resource_name}"
+        what = f"SeldonDeployment {record.resource_name}"
+        return _run(kube.pod_logs(self._api(), selector, sm.GRAPH, tail, what))
 
     def _follow(self, record: ServiceRecord) -> Iterator[str]:
         seen: set[str] = set(self._logs(record, None))
@@ -316,20 +290,6 @@ class SeldonModelDeployer(BaseModelDeployer):
                 if line not in seen:
                     seen.add(line)
                     yield line
-
-
-async def _pod_log(api: Session, pod: Any, tail: int | None, prefix: bool) -> list[str]:
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    name = pod.metadata.name
-    try:
-        text = await api.core.read_namespaced_pod_log(
-            name, api.namespace, container=sm.GRAPH, tail_lines=tail
-        )
-    except ApiException as err:
-        phase = pod.status.phase if pod.status else "unknown"
-        return [f"Pod {name} ({phase}) has no readable log: HTTP {err.status} {err.reason}"]
-    return [f"[{name}] {line}" if prefix else line for line in str(text).splitlines()]
 
 
 def _restore(before: dict[str, Any], error: str) -> Any:
