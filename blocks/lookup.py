@@ -7,13 +7,18 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 
 from blocks.deployer import BaseModelDeployer
+from blocks.kserve_deployer import KServeModelDeployer
 from blocks.mlflow_deployer import MLflowModelDeployer
 from blocks.seldon_deployer import SeldonModelDeployer
 from blocks.service import ServiceRecord
 from ctcd.exceptions import DeployerNotFoundError, ServiceNotFoundError
 
 # Importing the deployer classes registers them, so `Block.load("slug/name")` finds them.
-DEPLOYERS: tuple[type[BaseModelDeployer], ...] = (MLflowModelDeployer, SeldonModelDeployer)
+DEPLOYERS: tuple[type[BaseModelDeployer], ...] = (
+    MLflowModelDeployer,
+    SeldonModelDeployer,
+    KServeModelDeployer,
+)
 
 
 def load_deployer(name: str | None = None) -> BaseModelDeployer:

@@ -294,7 +294,24 @@ class StandInKServeController:
             when = before[kind]["lastTransitionTime"] if same else _now()
             conditions.append({"type": kind, **cond, "lastTransitionTime": when})
         body = {"status": {**status, "conditions": conditions}}
+        if _same(current.json().get("status") or {}, body["status"]):
+            return  # KServe writes status only when it changed (inferenceServiceStatusEqual)
         patched = kube.patch(
             f"{self.url('isvc', name)}/status", content=json.dumps(body), headers=MERGE
         )
         assert patched.status_code in (200, 404, 409), patched.text
+
+
+def _same(current: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether writing `new` (a merge patch) would leave `current` as it is."""
+    for key, value in new.items():
+        if key == "conditions":
+            have = {c["type"]: c for c in current.get("conditions") or []}
+            if any(have.get(c["type"]) != c for c in value):
+                return False
+        elif isinstance(value, dict) and isinstance(current.get(key), dict):
+            if not _same(current[key], value):
+                return False
+        elif current.get(key) != value:
+            return False
+    return True
