@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
@@ -15,22 +14,18 @@ from pydantic import Field, HttpUrl, field_validator
 from blocks import cluster, kube
 from blocks import kserve_manifest as km
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
+from blocks.kserve_kube import HINT as API_HINT
 from blocks.kserve_kube import KServeFailed, Session, check_kept, session
+from blocks.kube_logs import follow, pod_logs
 from blocks.object_store import ObjectStoreCredentials
 from blocks.service import ServiceRecord, ServiceState
 from ctcd.exceptions import ModelServerError
 
 T = TypeVar("T")
-HINT = (
-    "404: is KServe (its InferenceService CRD) installed, and the namespace there? 401/403: the "
-    "credentials need get/list/create/update/delete on inferenceservices (serving.kserve.io), "
-    "create/update/delete on secrets, get/create/update/delete on serviceaccounts, list on "
-    "deployments (apps) and pods, and get on pods/log."
-)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return kube.run(coro, HINT)
+    return kube.run(coro, API_HINT)
 
 
 class KServeModelDeployer(BaseModelDeployer):
@@ -210,7 +205,7 @@ class KServeModelDeployer(BaseModelDeployer):
                 }
             )  # fmt: skip
             isvc["spec"]["predictor"] = self._predictor(uri)
-            _annotate(isvc, updated, stop=False)
+            km.annotate(isvc, updated, stop=False)
 
         return self._change_and_wait(str(record.resource_name), uri, mutate, timeout, True)
 
@@ -235,7 +230,7 @@ class KServeModelDeployer(BaseModelDeployer):
                     )
                 except KServeFailed as err:
                     if restore_on_failure:
-                        await api.change(name, _restore(before, str(err)))
+                        await api.change(name, km.restore(before, str(err)))
                         err.add_note(
                             "The previous spec was put back; the previous version serves on."
                         )
@@ -255,14 +250,14 @@ class KServeModelDeployer(BaseModelDeployer):
 
         def mutate(isvc: dict[str, Any]) -> None:
             current = km.read_record(isvc) or record
-            _annotate(isvc, _desired(current, ServiceState.ACTIVE), stop=False)
+            km.annotate(isvc, _desired(current, ServiceState.ACTIVE), stop=False)
 
         return self._change_and_wait(str(record.resource_name), _run(uri()), mutate, timeout)
 
     def _stop(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
         def mutate(isvc: dict[str, Any]) -> None:
             current = km.read_record(isvc) or record
-            _annotate(isvc, _desired(current, ServiceState.INACTIVE), stop=True)
+            km.annotate(isvc, _desired(current, ServiceState.INACTIVE), stop=True)
 
         return self._change_and_wait(str(record.resource_name), None, mutate, timeout)
 
@@ -286,42 +281,11 @@ class KServeModelDeployer(BaseModelDeployer):
     def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:
         selector = f"{km.OWNER_LABEL}={record.resource_name}"
         what = f"InferenceService {record.resource_name}"
-        return _run(kube.pod_logs(self._api(), selector, km.CONTAINER, tail, what))
+        return _run(pod_logs(self._api(), selector, km.CONTAINER, tail, what))
 
     def _follow(self, record: ServiceRecord) -> Iterator[str]:
-        seen: set[str] = set(self._logs(record, None))
-        while True:
-            time.sleep(2)
-            for line in self._logs(record, 200):
-                if line not in seen:
-                    seen.add(line)
-                    yield line
+        return follow(lambda tail: self._logs(record, tail))
 
 
 def _desired(record: ServiceRecord, state: ServiceState) -> ServiceRecord:
     return record.model_copy(update={"desired_state": state, "updated_at": datetime.now(UTC)})
-
-
-def _annotate(isvc: dict[str, Any], record: ServiceRecord, stop: bool) -> None:
-    """The record annotation, and KServe's stop annotation set (stop) or removed (start)."""
-    annotations = isvc["metadata"].setdefault("annotations", {})
-    annotations[cluster.RECORD_ANNOTATION] = cluster.record_annotation(record)
-    if stop:
-        annotations[km.STOP] = "true"
-    else:
-        annotations.pop(km.STOP, None)
-
-
-def _restore(before: dict[str, Any], error: str) -> Callable[[dict[str, Any]], None]:
-    """A mutation putting back `before`'s spec and record (with the error noted)."""
-
-    def mutate(isvc: dict[str, Any]) -> None:
-        isvc["spec"] = before["spec"]
-        annotations = dict(before["metadata"].get("annotations") or {})
-        record = km.read_record(before)
-        if record is not None:
-            failed = record.model_copy(update={"last_error": error.splitlines()[0]})
-            annotations[cluster.RECORD_ANNOTATION] = cluster.record_annotation(failed)
-        isvc["metadata"]["annotations"] = annotations
-
-    return mutate

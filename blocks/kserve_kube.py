@@ -19,8 +19,15 @@ from blocks import kube
 from ctcd.exceptions import ModelConfigError
 
 KSERVE = kube.Resource(km.GROUP, km.VERSION, km.PLURAL, km.KIND)
-HINT = "Check the predictor pods (`kubectl describe pods -l {label}={name}`) or raise the "
-HINT += "deployer's `deploy_timeout`."
+WAIT_HINT = "Check the predictor pods (`kubectl describe pods -l {label}={name}`) or raise the "
+WAIT_HINT += "deployer's `deploy_timeout`."
+
+HINT = (
+    "404: is KServe (its InferenceService CRD) installed, and the namespace there? 401/403: the "
+    "credentials need get/list/create/update/delete on inferenceservices (serving.kserve.io), "
+    "create/update/delete on secrets, get/create/update/delete on serviceaccounts, list on "
+    "deployments (apps) and pods, and get on pods/log."
+)
 
 
 class KServeFailed(kube.RolloutFailed):
@@ -83,7 +90,7 @@ class Session(kube.Session):
 
     async def _wait(self, name: str, judge: kube.Judge, timeout: float) -> dict[str, Any]:
         selector = f"{km.OWNER_LABEL}={name}"
-        hint = HINT.format(label=km.OWNER_LABEL, name=name)
+        hint = WAIT_HINT.format(label=km.OWNER_LABEL, name=name)
         return await self.wait(name, judge, selector, timeout, KServeFailed, hint)
 
     async def put_service_account(self, name: str, secret: str) -> None:

@@ -5,6 +5,7 @@ KServe's Standard-mode reconciler and Kubernetes write."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from blocks import cluster
@@ -197,3 +198,28 @@ def stopped(isvc: dict[str, Any], deployments: list[dict[str, Any]]) -> tuple[bo
     done = not mine and conds.get("Stopped", {}).get("status") == "True"
     left = f"; {len(mine)} predictor Deployment(s) left" if mine else ""
     return done, f"{_show(conds, 'Stopped')}, {_show(conds, 'Ready')}{left}", None
+
+
+def annotate(isvc: dict[str, Any], record: ServiceRecord, stop: bool) -> None:
+    """The record annotation, and KServe's stop annotation set (stop) or removed (start)."""
+    annotations = isvc["metadata"].setdefault("annotations", {})
+    annotations[RECORD_ANNOTATION] = record_annotation(record)
+    if stop:
+        annotations[STOP] = "true"
+    else:
+        annotations.pop(STOP, None)
+
+
+def restore(before: dict[str, Any], error: str) -> Callable[[dict[str, Any]], None]:
+    """A mutation putting back `before`'s spec and record (with the error noted)."""
+
+    def mutate(isvc: dict[str, Any]) -> None:
+        isvc["spec"] = before["spec"]
+        annotations = dict(before["metadata"].get("annotations") or {})
+        record = read_record(before)
+        if record is not None:
+            failed = record.model_copy(update={"last_error": error.splitlines()[0]})
+            annotations[RECORD_ANNOTATION] = record_annotation(failed)
+        isvc["metadata"]["annotations"] = annotations
+
+    return mutate

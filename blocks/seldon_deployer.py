@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Coroutine, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ from pydantic import Field, HttpUrl
 from blocks import kube
 from blocks import seldon_manifest as sm
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
+from blocks.kube_logs import follow, pod_logs
 from blocks.object_store import ObjectStoreCredentials
 from blocks.seldon_kube import SeldonFailed, Session, session
 from blocks.service import ServiceRecord, ServiceState
@@ -280,16 +280,10 @@ class SeldonModelDeployer(BaseModelDeployer):
     def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:
         selector = f"{sm.OWNER_LABEL}={record.resource_name}"
         what = f"SeldonDeployment {record.resource_name}"
-        return _run(kube.pod_logs(self._api(), selector, sm.GRAPH, tail, what))
+        return _run(pod_logs(self._api(), selector, sm.GRAPH, tail, what))
 
     def _follow(self, record: ServiceRecord) -> Iterator[str]:
-        seen: set[str] = set(self._logs(record, None))
-        while True:
-            time.sleep(2)
-            for line in self._logs(record, 200):
-                if line not in seen:
-                    seen.add(line)
-                    yield line
+        return follow(lambda tail: self._logs(record, tail))
 
 
 def _restore(before: dict[str, Any], error: str) -> Any:
