@@ -106,8 +106,9 @@ def deployer(components, kube_api) -> KServeModelDeployer:
 
 
 @pytest.fixture(scope="module")
-def trained(components, small_csv) -> dict[str, DeploymentConfig]:
-    """v1 linear, v2 a random forest: logged to the bucket by `training_pipeline`."""
+def trained(components, small_csv, prefect_harness) -> dict[str, DeploymentConfig]:
+    """v1 linear, v2 a random forest: logged to the bucket by `training_pipeline` (with the
+    session's Prefect harness: a module fixture is set up before the per-test one asks for it)."""
     configs = {}
     for label, kind in (("v1", "linear"), ("v2", "random_forest")):
         result = training_pipeline(
