@@ -65,7 +65,7 @@ def register_two_versions(
 
 
 def example_body(record) -> bytes:
-    folder = Path(record.runtime_dir, "models", record.model_version)
+    folder = Path(record.local.runtime_dir, "models", record.model_version)
     return (folder / "serving_input_example.json").read_bytes()
 
 

@@ -20,12 +20,11 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from ctcd.client import read_predictions
+
 
 def _count(body: bytes, v2: bool) -> int:
-    data = json.loads(body)
-    if v2:
-        return len(data["outputs"][0]["data"])
-    return len(data["predictions"])
+    return len(read_predictions(json.loads(body), "v2" if v2 else "mlflow"))
 
 
 async def _client(

@@ -108,7 +108,7 @@ def main() -> None:
     opts = args.parse_args()
     isolated_home()
     from blocks import MLflowModelDeployer
-    from ctcd.serving.loadgen import Load
+    from ctcd.loadgen import Load
 
     print(f"code under test: {ROOT}", flush=True)
     v1, v2 = register_two_versions(model_type="linear")

@@ -25,14 +25,14 @@ def main() -> None:
     isolated_home()
     from blocks import MLflowModelDeployer
     from blocks import local_process as lp
-    from ctcd.serving.loadgen import Load
+    from ctcd.loadgen import Load
 
     print("training two versions on the 115,609-row sample ...", flush=True)
     v1, v2 = register_two_versions()
     for workers in (1, 2):
         deployer = MLflowModelDeployer(workers=workers)
         record = deployer.deploy_model(v1)
-        model_dir = f"{record.runtime_dir}/models/{record.model_version}"
+        model_dir = f"{record.local.runtime_dir}/models/{record.model_version}"
         load_s = float(
             subprocess.run(
                 [sys.executable, "-c", LOAD_TIME.replace("PATH", repr(model_dir))],

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,9 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 from common import isolated_home, register_two_versions
+
+from ctcd import processes as procs
+from ctcd.client import request_body
 
 HERE = Path(__file__).resolve().parent
 MLSERVER_VENV = Path(
@@ -74,26 +75,18 @@ class Server:
         return {"rss_mb": rss / 2**20, "pss_mb": pss / 2**20, "processes": len(procs)}
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
+def _wait(url: str, ref: procs.ProcessRef, what: str) -> None:
     for _ in range(1200):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if not ref.alive():
+            raise RuntimeError(f"{what} exited")
+        if procs.answers(url, timeout=1):
+            return
         time.sleep(0.1)
     raise RuntimeError(f"{what} did not become ready")
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+def _kill_group(ref: procs.ProcessRef) -> None:
+    procs.stop(ref, 30, whole_group=True)
 
 
 def start_ctcd(config: Any, workers: int, peer: str) -> Server:
@@ -106,30 +99,26 @@ def start_ctcd(config: Any, workers: int, peer: str) -> Server:
     deployer = MLflowModelDeployer(workers=workers, **settings)
     record = deployer.deploy_model(config)
     return Server(
-        record.prediction_url, int(record.pid), lambda: deployer.delete_model_server(record.uuid)
+        record.prediction_url,
+        int(record.local.pid),
+        lambda: deployer.delete_model_server(record.uuid),
     )
 
 
 def start_mlflow(model_dir: Path, workers: int) -> Server:
-    from blocks.local_process import free_port
-
-    port = free_port("127.0.0.1")
+    port = procs.free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     cmd = [str(mlflow), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    ref = procs.spawn_detached(cmd, Path(os.devnull))
     base = f"http://127.0.0.1:{port}"
-    _wait(f"{base}/ping", proc, "mlflow models serve")
-    return Server(f"{base}/invocations", proc.pid, lambda: _kill_group(proc))
+    _wait(f"{base}/ping", ref, "mlflow models serve")
+    return Server(f"{base}/invocations", ref.pid, lambda: _kill_group(ref))
 
 
 def start_mlserver(model_dir: Path, workers: int, work: Path) -> Server:
-    from blocks.local_process import free_port
-
     folder = Path(tempfile.mkdtemp(prefix="mlserver-", dir=work))
-    http, grpc, metrics = (free_port("127.0.0.1") for _ in range(3))
+    http, grpc, metrics = (procs.free_port() for _ in range(3))
     settings = {
         "host": "127.0.0.1", "http_port": http, "grpc_port": grpc, "metrics_port": metrics,
         "parallel_workers": workers, "debug": False, "metrics_endpoint": None,
@@ -143,18 +132,15 @@ def start_mlserver(model_dir: Path, workers: int, work: Path) -> Server:
     }
     (folder / "settings.json").write_text(json.dumps(settings))
     (folder / "model-settings.json").write_text(json.dumps(model))
-    log = open(folder / "mlserver.log", "wb")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(
-        [str(MLSERVER_VENV / "bin" / "mlserver"), "start", str(folder)],
-        cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    cmd = [str(MLSERVER_VENV / "bin" / "mlserver"), "start", str(folder)]
+    ref = procs.spawn_detached(cmd, folder / "mlserver.log", cwd=folder)
     base = f"http://127.0.0.1:{http}"
     try:
-        _wait(f"{base}/v2/models/m/ready", proc, f"MLServer (log: {folder / 'mlserver.log'})")
+        _wait(f"{base}/v2/models/m/ready", ref, f"MLServer (log: {folder / 'mlserver.log'})")
     except RuntimeError:
-        _kill_group(proc)
+        _kill_group(ref)
         raise
-    return Server(f"{base}/v2/models/m/infer", proc.pid, lambda: _kill_group(proc), v2=True)
+    return Server(f"{base}/v2/models/m/infer", ref.pid, lambda: _kill_group(ref), v2=True)
 
 
 # -- bodies and load ----------------------------------------------------------------------
@@ -162,24 +148,9 @@ def bodies(rows: Any, work: Path) -> dict[tuple[str, int], Path]:
     """Request bodies of 1 and 32 rows, in MLflow's protocol and in V2's."""
     out = {}
     for n in (1, 32):
-        part = rows.iloc[:n]
-        split = json.loads(part.to_json(orient="split", index=False))
-        mlflow_body = {"dataframe_split": split}
-        v2_body = {
-            "parameters": {"content_type": "pd"},
-            "inputs": [
-                {
-                    "name": column,
-                    "shape": [n],
-                    "datatype": "INT64" if part[column].dtype.kind == "i" else "FP64",
-                    "data": part[column].tolist(),
-                }
-                for column in part.columns
-            ],
-        }
-        for kind, body in (("mlflow", mlflow_body), ("v2", v2_body)):
+        for kind in ("mlflow", "v2"):
             path = work / f"body-{kind}-{n}.json"
-            path.write_text(json.dumps(body))
+            path.write_text(request_body(rows.iloc[:n], kind))  # type: ignore[arg-type]
             out[(kind, n)] = path
     return out
 

@@ -16,8 +16,6 @@ from ctcd.exceptions import ModelConfigError
 
 RECORD_ANNOTATION = "ctcd.io/service-record"
 BUCKET_SCHEMES = ("s3",)
-# Fields the cluster knows better than the annotation: never stored there.
-OBSERVED = {"uuid", "status", "status_message"}
 
 
 def resource_name(pipeline: str, step: str, model: str) -> str:
@@ -76,7 +74,10 @@ def storage_uri(config: DeploymentConfig, server: str = "Seldon Core") -> str:
 
 
 def record_annotation(record: ServiceRecord) -> str:
-    return json.dumps(record.model_dump(mode="json", exclude=OBSERVED), sort_keys=True)
+    """What the annotation holds: the record as stored, without the uuid (the uid is it)."""
+    stored = record.stored()
+    stored.pop("uuid")
+    return json.dumps(stored, sort_keys=True)
 
 
 def stored_record(resource: dict[str, Any]) -> ServiceRecord | None:

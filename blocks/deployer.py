@@ -41,9 +41,15 @@ class BaseModelDeployer(Block):
     _block_type_slug = "ctcd-model-deployer"
 
     def deploy_model(
-        self, config: DeploymentConfig, replace: bool = True, timeout: float | None = None
+        self,
+        config: DeploymentConfig,
+        replace: bool = True,
+        timeout: float | None = None,
+        keep_settings: bool = False,
     ) -> ServiceRecord:
-        """Serve `config`'s model version; return the record once it answers requests."""
+        """Serve `config`'s model version; return the record once it answers requests. An
+        existing server also takes this deployer's workers (replicas) and settings, unless
+        `keep_settings` (a rollback keeps what the server runs with)."""
         self._check_deployable(config)
         with self._lock(config):
             existing = (
@@ -56,7 +62,7 @@ class BaseModelDeployer(Block):
                 else []
             )
             if existing:
-                return self._update(existing[0], config, timeout)
+                return self._update(existing[0], config, timeout, keep_settings)
             return self._create(config, timeout)
 
     def find_model_server(
@@ -139,9 +145,19 @@ class BaseModelDeployer(Block):
             step_name=record.step_name,
             run_id=version.run_id,
         )
-        served = self.deploy_model(config, replace=True, timeout=timeout)
+        served = self.deploy_model(config, replace=True, timeout=timeout, keep_settings=True)
         client.set_registered_model_alias(record.model_name, CHAMPION, config.model_version)
         return served
+
+    def settings_differ(self, record: ServiceRecord) -> list[str]:
+        """Where this deployer asks for something else than `record`'s server runs with, and
+        how each is applied; the record observed with that list (`settings_differ`)."""
+        return self._differences(record)
+
+    def block_name(self) -> str | None:
+        """`slug/name` of the saved block this deployer was loaded from (None: not saved)."""
+        name = self._block_document_name
+        return f"{self.get_block_type_slug()}/{name}" if name else None
 
     def get_logs(self, uuid: str, tail: int | None = None) -> list[str]:
         """The server's log lines (the last `tail` ones when given)."""
@@ -156,6 +172,10 @@ class BaseModelDeployer(Block):
         """Refuse a version this backend cannot serve, before anything is looked up or
         created (the default accepts every version)."""
 
+    def _differences(self, record: ServiceRecord) -> list[str]:
+        """See `settings_differ` (the default finds none)."""
+        return []
+
     # Hooks each backend implements.
     @abstractmethod
     def _lock(self, config: DeploymentConfig) -> AbstractContextManager[object]: ...
@@ -168,7 +188,11 @@ class BaseModelDeployer(Block):
 
     @abstractmethod
     def _update(
-        self, record: ServiceRecord, config: DeploymentConfig, timeout: float | None
+        self,
+        record: ServiceRecord,
+        config: DeploymentConfig,
+        timeout: float | None,
+        keep_settings: bool = False,
     ) -> ServiceRecord: ...
 
     @abstractmethod

@@ -6,7 +6,6 @@ from collections.abc import Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
 from prefect_kubernetes.credentials import KubernetesClusterConfig
 from pydantic import Field, HttpUrl, field_validator
@@ -18,7 +17,7 @@ from blocks.kserve_kube import HINT as API_HINT
 from blocks.kserve_kube import KServeFailed, Session, check_kept, session
 from blocks.kube_logs import follow, pod_logs
 from blocks.object_store import ObjectStoreCredentials
-from blocks.service import ServiceRecord, ServiceState
+from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
 from ctcd.exceptions import ModelServerError
 
 T = TypeVar("T")
@@ -123,10 +122,10 @@ class KServeModelDeployer(BaseModelDeployer):
         kept = {k: {n: v for n, v in d.items() if v} for k, d in given.items()}
         return {k: d for k, d in kept.items() if d}
 
-    def _predictor(self, model_uri: str) -> dict[str, Any]:
+    def _predictor(self, model_uri: str, replicas: int) -> dict[str, Any]:
         account = self.service_account if self.object_store else None
         return km.predictor(
-            model_uri, self.replicas, account, self._resources(), self.predictor_overrides
+            model_uri, replicas, account, self._resources(), self.predictor_overrides
         )
 
     def _check_deployable(self, config: DeploymentConfig) -> None:
@@ -145,19 +144,24 @@ class KServeModelDeployer(BaseModelDeployer):
 
     def _new_record(self, config: DeploymentConfig, name: str) -> ServiceRecord:
         prediction_url, health_url = km.urls(self.base_url, self.namespace, name)
-        base = urlparse(self.base_url)
         return ServiceRecord(
             uuid="", backend="kserve", **config.model_dump(), history=[config.model_version],
-            prediction_url=prediction_url, health_url=health_url, host=base.hostname or "",
-            port=base.port or (443 if base.scheme == "https" else 80), workers=self.replicas,
-            protocol="v2", namespace=self.namespace, resource_name=name,
+            workers=self.replicas, deployer_block=self.block_name(),
+            prediction_url=prediction_url, health_url=health_url, protocol="v2",
+            runtime=KubernetesRuntime(
+                namespace=self.namespace, resource_kind=km.KIND, resource_name=name
+            ),
         )  # fmt: skip
 
     def _create(self, config: DeploymentConfig, timeout: float | None) -> ServiceRecord:
         uri = cluster.storage_uri(config, km.SERVER)
         name = cluster.resource_name(config.pipeline_name, config.step_name, config.model_name)
         body = km.manifest(
-            name, self.namespace, self._predictor(uri), config, self._new_record(config, name)
+            name,
+            self.namespace,
+            self._predictor(uri, self.replicas),
+            config,
+            self._new_record(config, name),
         )
 
         async def run() -> ServiceRecord | None:
@@ -188,9 +192,15 @@ class KServeModelDeployer(BaseModelDeployer):
         return timeout or self.deploy_timeout
 
     def _update(
-        self, record: ServiceRecord, config: DeploymentConfig, timeout: float | None
+        self,
+        record: ServiceRecord,
+        config: DeploymentConfig,
+        timeout: float | None,
+        keep_settings: bool = False,
     ) -> ServiceRecord:
+        """A new version in place; `keep_settings` (a rollback) keeps the replicas."""
         uri = cluster.storage_uri(config, km.SERVER)
+        replicas = record.workers if keep_settings else self.replicas
 
         def mutate(isvc: dict[str, Any]) -> None:
             current = km.read_record(isvc) or record
@@ -199,15 +209,15 @@ class KServeModelDeployer(BaseModelDeployer):
                 history = [*history, config.model_version][-20:]
             updated = current.model_copy(
                 update={
-                    **config.model_dump(), "history": history, "workers": self.replicas,
+                    **config.model_dump(), "history": history, "workers": replicas,
                     "desired_state": ServiceState.ACTIVE, "last_error": None,
                     "updated_at": datetime.now(UTC),
                 }
             )  # fmt: skip
-            isvc["spec"]["predictor"] = self._predictor(uri)
+            isvc["spec"]["predictor"] = self._predictor(uri, replicas)
             km.annotate(isvc, updated, stop=False)
 
-        return self._change_and_wait(str(record.resource_name), uri, mutate, timeout, True)
+        return self._change_and_wait(record.kube.resource_name, uri, mutate, timeout, True)
 
     def _change_and_wait(
         self,
@@ -243,29 +253,29 @@ class KServeModelDeployer(BaseModelDeployer):
     def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
         async def uri() -> str:
             async with self._api() as api:
-                isvc = await api.get(str(record.resource_name))
+                isvc = await api.get(record.kube.resource_name)
             if isvc is None:
-                raise ModelServerError(f"Starting {record.resource_name}", "it was deleted")
+                raise ModelServerError(f"Starting {record.kube.resource_name}", "it was deleted")
             return str(isvc["spec"]["predictor"]["model"]["storageUri"])
 
         def mutate(isvc: dict[str, Any]) -> None:
             current = km.read_record(isvc) or record
             km.annotate(isvc, _desired(current, ServiceState.ACTIVE), stop=False)
 
-        return self._change_and_wait(str(record.resource_name), _run(uri()), mutate, timeout)
+        return self._change_and_wait(record.kube.resource_name, _run(uri()), mutate, timeout)
 
     def _stop(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
         def mutate(isvc: dict[str, Any]) -> None:
             current = km.read_record(isvc) or record
             km.annotate(isvc, _desired(current, ServiceState.INACTIVE), stop=True)
 
-        return self._change_and_wait(str(record.resource_name), None, mutate, timeout)
+        return self._change_and_wait(record.kube.resource_name, None, mutate, timeout)
 
     def _delete(self, record: ServiceRecord, timeout: float | None) -> None:
         async def run() -> None:
             async with self._api() as api:
-                await api.delete(str(record.resource_name))
-                await self._drop_credentials(api, str(record.resource_name))
+                await api.delete(record.kube.resource_name)
+                await self._drop_credentials(api, record.kube.resource_name)
 
         _run(run())
 
@@ -279,8 +289,8 @@ class KServeModelDeployer(BaseModelDeployer):
             await api.drop_credentials_if_unused(self.service_account, self.secret_name, deleted)
 
     def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:
-        selector = f"{km.OWNER_LABEL}={record.resource_name}"
-        what = f"InferenceService {record.resource_name}"
+        selector = f"{km.OWNER_LABEL}={record.kube.resource_name}"
+        what = f"InferenceService {record.kube.resource_name}"
         return _run(pod_logs(self._api(), selector, km.CONTAINER, tail, what))
 
     def _follow(self, record: ServiceRecord) -> Iterator[str]:

@@ -136,7 +136,7 @@ def read_record(isvc: dict[str, Any]) -> ServiceRecord | None:
         message = f"KServe reports the model failed to load: {info.get('message', '')}"
     else:
         observed, message = ServiceState.PENDING, f"KServe reports {_show(conds, 'Ready')}"
-    return record.model_copy(update={"status": observed, "status_message": message})
+    return record.seen(status=observed, status_message=message)
 
 
 def readiness(

@@ -6,7 +6,6 @@ from collections.abc import Coroutine, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlparse
 
 from prefect_kubernetes.credentials import KubernetesClusterConfig
 from pydantic import Field, HttpUrl
@@ -17,7 +16,7 @@ from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.kube_logs import follow, pod_logs
 from blocks.object_store import ObjectStoreCredentials
 from blocks.seldon_kube import SeldonFailed, Session, session
-from blocks.service import ServiceRecord, ServiceState
+from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
 from ctcd.exceptions import ModelServerError
 
 T = TypeVar("T")
@@ -129,20 +128,19 @@ class SeldonModelDeployer(BaseModelDeployer):
 
     def _new_record(self, config: DeploymentConfig, name: str) -> ServiceRecord:
         prediction_url, health_url = sm.urls(self.base_url, self.namespace, name, self.protocol)
-        base = urlparse(self.base_url)
         return ServiceRecord(
             uuid="",
             backend="seldon",
             **config.model_dump(),
             history=[config.model_version],
+            workers=self.replicas,
+            deployer_block=self.block_name(),
             prediction_url=prediction_url,
             health_url=health_url,
-            host=base.hostname or "",
-            port=base.port or (443 if base.scheme == "https" else 80),
-            workers=self.replicas,
             protocol=self.protocol,
-            namespace=self.namespace,
-            resource_name=name,
+            runtime=KubernetesRuntime(
+                namespace=self.namespace, resource_kind="SeldonDeployment", resource_name=name
+            ),
         )
 
     def _create(self, config: DeploymentConfig, timeout: float | None) -> ServiceRecord:
@@ -178,10 +176,15 @@ class SeldonModelDeployer(BaseModelDeployer):
         return self._update(existing[0], config, timeout)
 
     def _update(
-        self, record: ServiceRecord, config: DeploymentConfig, timeout: float | None
+        self,
+        record: ServiceRecord,
+        config: DeploymentConfig,
+        timeout: float | None,
+        keep_settings: bool = False,
     ) -> ServiceRecord:
         uri = sm.storage_uri(config)
-        name = str(record.resource_name)
+        name = record.kube.resource_name
+        replicas = record.workers if keep_settings else self.replicas
 
         def mutate(sdep: dict[str, Any]) -> None:
             current = sm.read_record(sdep) or record
@@ -192,19 +195,17 @@ class SeldonModelDeployer(BaseModelDeployer):
                 update={
                     **config.model_dump(),
                     "history": history,
-                    "workers": self.replicas,
+                    "workers": replicas,
                     "desired_state": ServiceState.ACTIVE,
                     "last_error": None,
                     "updated_at": datetime.now(UTC),
                 }
             )
-            sdep["spec"]["predictors"] = [self._predictor(uri, self.replicas)]
+            sdep["spec"]["predictors"] = [self._predictor(uri, replicas)]
             sdep["spec"]["protocol"] = self.protocol
             sdep["metadata"]["annotations"][sm.RECORD_ANNOTATION] = sm.record_annotation(updated)
 
-        return self._change_and_wait(
-            name, uri, self.replicas, mutate, timeout, restore_on_failure=True
-        )
+        return self._change_and_wait(name, uri, replicas, mutate, timeout, restore_on_failure=True)
 
     def _change_and_wait(
         self,
@@ -246,12 +247,12 @@ class SeldonModelDeployer(BaseModelDeployer):
 
         async def uri() -> str:
             async with self._api() as api:
-                sdep = await api.get(str(record.resource_name))
+                sdep = await api.get(record.kube.resource_name)
             if sdep is None:
-                raise ModelServerError(f"Scaling {record.resource_name}", "it was deleted")
+                raise ModelServerError(f"Scaling {record.kube.resource_name}", "it was deleted")
             return str(sdep["spec"]["predictors"][0]["graph"]["modelUri"])
 
-        name = str(record.resource_name)
+        name = record.kube.resource_name
         return self._change_and_wait(name, _run(uri()), replicas, mutate, timeout)
 
     def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
@@ -263,8 +264,8 @@ class SeldonModelDeployer(BaseModelDeployer):
     def _delete(self, record: ServiceRecord, timeout: float | None) -> None:
         async def run() -> None:
             async with self._api() as api:
-                await api.delete(str(record.resource_name))
-                await self._drop_secret(api, str(record.resource_name))
+                await api.delete(record.kube.resource_name)
+                await self._drop_secret(api, record.kube.resource_name)
 
         _run(run())
 
@@ -278,8 +279,8 @@ class SeldonModelDeployer(BaseModelDeployer):
             await api.delete_secret_if_unused(self.secret_name, deleted)
 
     def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:
-        selector = f"{sm.OWNER_LABEL}={record.resource_name}"
-        what = f"SeldonDeployment {record.resource_name}"
+        selector = f"{sm.OWNER_LABEL}={record.kube.resource_name}"
+        what = f"SeldonDeployment {record.kube.resource_name}"
         return _run(pod_logs(self._api(), selector, sm.GRAPH, tail, what))
 
     def _follow(self, record: ServiceRecord) -> Iterator[str]:

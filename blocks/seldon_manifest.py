@@ -120,7 +120,7 @@ def read_record(sdep: dict[str, Any]) -> ServiceRecord | None:
         message = f"Seldon reports {state or 'no state yet'}" + (
             f": {description}" if description else ""
         )
-    return record.model_copy(update={"status": observed, "status_message": message})
+    return record.seen(status=observed, status_message=message)
 
 
 def readiness(

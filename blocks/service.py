@@ -1,15 +1,33 @@
-"""The record of one model server: what it serves, where, and in which state."""
+"""The record of one model server: what was asked of it, where it answers, what was observed
+when the record was read, and what its backend needs to find it again.
+
+- Asked (stored): the model version, pipeline and step, history, the desired state, the worker
+  or replica count, the deployer block that made it; and the endpoint (`prediction_url`,
+  `health_url`, `protocol`).
+- `runtime`, the backend's own part (stored): `LocalRuntime` for a server on this machine (its
+  address, process, runtime folder and settings), `KubernetesRuntime` for a custom resource on
+  a cluster (namespace, kind and name). A third backend adds a third part here.
+- `observed` (never stored, computed on every read by the deployer): status and why, live
+  workers and the version each announced, the prediction log's counts.
+
+`summary()` flattens it into the fields `ctcd models list --json` prints (the names shared
+DESIGN.md keeps stable); records written in the older flat shape are read as well.
+"""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-import httpx
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ctcd import client
+from ctcd.exceptions import ModelConfigError
+from ctcd.processes import ProcessRef
+from ctcd.serving.settings import ServerSettings
 
 
 class ServiceState(StrEnum):
@@ -23,15 +41,85 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class Observed(BaseModel):
+    """What was seen when the record was read; never stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: ServiceState = Field(default=ServiceState.PENDING, description="Observed state.")
+    status_message: str = Field(default="", description="Why the status is what it is.")
+    live_workers: int | None = Field(
+        default=None, description="Worker processes running now (None when not observed)."
+    )
+    worker_versions: dict[str, str] = Field(
+        default_factory=dict,
+        description="The model version each worker (by PID) announced it serves, `loading` "
+        "before it has, with `(leaving)` once told to leave.",
+    )
+    prediction_log_rows: dict[str, int] = Field(
+        default_factory=dict,
+        description="Rows the prediction log has written and dropped (buffer full or errors).",
+    )
+    settings_differ: list[str] = Field(
+        default_factory=list,
+        description="Where the deployer block that made this server now asks for something "
+        "else than the server runs with, and how to apply it.",
+    )
+
+
+class LocalRuntime(BaseModel):
+    """A server on this machine: gunicorn master and workers, known by PID and start time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local"] = "local"
+    host: str
+    port: int
+    runtime_dir: Path = Field(description="The server's folder: the truth about it.")
+    log_path: Path
+    pid: int | None = None
+    pid_started_at: float | None = Field(default=None, description="Guards against PID reuse.")
+    prediction_log_dir: Path | None = Field(
+        default=None,
+        description="Where the server logs what it scored (Parquet, by hour); None when off. "
+        "Read it with `ctcd.serving.predlog.read_log`.",
+    )
+    server_settings: ServerSettings = Field(
+        default_factory=ServerSettings,
+        description="The settings the server runs with (batching, threads, prediction log).",
+    )
+
+    @property
+    def process(self) -> ProcessRef | None:
+        if self.pid is None or self.pid_started_at is None:
+            return None
+        return ProcessRef(self.pid, self.pid_started_at)
+
+
+class KubernetesRuntime(BaseModel):
+    """A custom resource on a Kubernetes cluster that a controller turns into model servers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["kubernetes"] = "kubernetes"
+    namespace: str
+    resource_kind: str = Field(description="e.g. `SeldonDeployment`, `InferenceService`.")
+    resource_name: str
+
+
+Runtime = Annotated[LocalRuntime | KubernetesRuntime, Field(discriminator="kind")]
+_OBSERVED = set(Observed.model_fields)
+
+
 class ServiceRecord(BaseModel):
-    """One model server. `desired_state` is what ctcd asked for; `status` is what was
-    observed when the record was read, with `status_message` saying why, and (for local
-    servers) `live_workers` and `worker_versions` what the workers themselves announced."""
+    """One model server. Asked and endpoint fields at the top; `runtime` for the backend;
+    `observed` for what was seen when it was read (`status`, `status_message`, ... are
+    shortcuts to it)."""
 
     model_config = ConfigDict(extra="forbid")
 
     uuid: str = Field(description="Stable id: the same pipeline, step and model keep it.")
-    backend: str = Field(description="Which deployer runs it, e.g. `mlflow-local`.")
+    backend: str = Field(description="Which deployer runs it, e.g. `mlflow-local`, `seldon`.")
     model_name: str
     model_version: str
     model_uri: str = Field(description="Registry URI of the version being served.")
@@ -45,105 +133,110 @@ class ServiceRecord(BaseModel):
         default_factory=list, description="Versions this server has served, oldest first."
     )
     desired_state: ServiceState = ServiceState.ACTIVE
-    status: ServiceState = ServiceState.PENDING
-    status_message: str = ""
-    live_workers: int | None = Field(
+    workers: int = Field(default=1, description="Worker processes (local) or replicas (cluster).")
+    deployer_block: str | None = Field(
         default=None,
-        description="Observed: worker processes running now (None when not observed).",
+        description="The saved deployer block that made the server (`slug/name`), if any.",
     )
-    worker_versions: dict[str, str] = Field(
-        default_factory=dict,
-        description="Observed: the model version each worker (by PID) announced it serves, "
-        "`loading` before it has, with `(leaving)` once told to leave.",
-    )
-    last_error: str | None = None
+    last_error: str | None = Field(default=None, description="What the last action failed on.")
     prediction_url: str
     health_url: str
-    log_path: str | None = None
-    host: str
-    port: int
-    workers: int = Field(default=1, description="Worker processes (local) or replicas (Seldon).")
-    server_settings: dict[str, int | float] = Field(
-        default_factory=dict,
-        description="Settings the server was created with (local: `max_batch_size`, "
-        "`max_batch_wait_ms`, `model_threads`); kept across stop, start and redeploys.",
-    )
-    protocol: Literal["mlflow", "seldon", "v2"] = Field(
+    protocol: client.Protocol = Field(
         default="mlflow",
         description="What `prediction_url` speaks: MLflow scoring, Seldon v1 or V2.",
     )
-    namespace: str | None = Field(default=None, description="Kubernetes namespace (Seldon).")
-    resource_name: str | None = Field(
-        default=None, description="The SeldonDeployment's name (Seldon)."
-    )
-    prediction_log_dir: str | None = Field(
-        default=None,
-        description="Where the server logs what it scored (Parquet, by hour; local servers "
-        "with the prediction log on). Read it with `ctcd.serving.predlog.read_log`.",
-    )
-    prediction_log_rows: dict[str, int] = Field(
-        default_factory=dict,
-        description="Observed: rows the prediction log has written and dropped (buffer full).",
-    )
-    pid: int | None = None
-    pid_started_at: float | None = Field(default=None, description="Guards against PID reuse.")
-    runtime_dir: str | None = None
+    runtime: Runtime
+    observed: Observed = Field(default_factory=Observed)
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_flat(cls, data: Any) -> Any:
+        """Read records written before the split (every field at the top)."""
+        if not isinstance(data, dict) or "runtime" in data:
+            return data
+        return _unflatten(dict(data))
+
+    # -- shortcuts -------------------------------------------------------------------------
+    @property
+    def status(self) -> ServiceState:
+        return self.observed.status
+
+    @property
+    def status_message(self) -> str:
+        return self.observed.status_message
+
+    @property
+    def live_workers(self) -> int | None:
+        return self.observed.live_workers
+
+    @property
+    def worker_versions(self) -> dict[str, str]:
+        return self.observed.worker_versions
 
     @property
     def is_running(self) -> bool:
         return self.status == ServiceState.ACTIVE
 
+    @property
+    def prediction_log_dir(self) -> Path | None:
+        """Where the server logs what it scored (local servers with the log on), else None."""
+        runtime = self.runtime
+        return runtime.prediction_log_dir if isinstance(runtime, LocalRuntime) else None
+
+    @property
+    def local(self) -> LocalRuntime:
+        """The local server's part; a clear error for a record of another backend."""
+        if not isinstance(self.runtime, LocalRuntime):
+            raise ModelConfigError(
+                f"Server {self.uuid[:8]} is not a local server ({self.backend})."
+            )
+        return self.runtime
+
+    @property
+    def kube(self) -> KubernetesRuntime:
+        """The cluster resource's part; a clear error for a record of another backend."""
+        if not isinstance(self.runtime, KubernetesRuntime):
+            raise ModelConfigError(f"Server {self.uuid[:8]} is not on Kubernetes ({self.backend}).")
+        return self.runtime
+
+    def seen(self, **observed: Any) -> ServiceRecord:
+        """A copy with these observed fields replaced."""
+        return self.model_copy(update={"observed": self.observed.model_copy(update=observed)})
+
+    def stored(self) -> dict[str, Any]:
+        """What a backend stores: everything but `observed` (as JSON-ready values)."""
+        return self.model_dump(mode="json", exclude={"observed"})
+
     def summary(self) -> dict[str, Any]:
-        """The fields `ctcd models list --json` prints."""
-        return self.model_dump(mode="json")
+        """The fields `ctcd models list --json` prints: one flat object."""
+        data = self.model_dump(mode="json", exclude={"runtime", "observed"})
+        runtime = self.runtime.model_dump(mode="json", exclude={"kind"})
+        return {**data, **self.observed.model_dump(mode="json"), **runtime}
 
     def predict(self, data: pd.DataFrame, timeout: float = 30.0) -> list[Any]:
-        """Score a DataFrame over HTTP in the record's protocol. Retries once on a reset
-        connection, as HTTP clients do when a keep-alive connection closes under them."""
-        headers = {"Content-Type": "application/json"}
-        body = request_body(data, self.protocol)
-        for attempt in (1, 2):
-            try:
-                response = httpx.post(
-                    self.prediction_url, content=body, headers=headers, timeout=timeout
-                )
-                break
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
-                if attempt == 2:
-                    raise
-        response.raise_for_status()
-        return read_predictions(response.json(), self.protocol)
+        """Score a DataFrame over HTTP in the record's protocol (`ctcd.client`)."""
+        return client.predict(self.prediction_url, data, self.protocol, timeout)
 
 
-def request_body(data: pd.DataFrame, protocol: str) -> str:
-    """The JSON body a server of `protocol` takes for the rows of `data` (NaN sent as null)."""
-    if protocol == "mlflow":
-        return '{"dataframe_split": ' + data.to_json(orient="split", index=False) + "}"
-    split = json.loads(data.to_json(orient="split", index=False))
-    if protocol == "seldon":
-        return json.dumps({"data": {"names": split["columns"], "ndarray": split["data"]}})
-    columns = [
-        {
-            "name": str(name),
-            "shape": [len(data)],
-            "datatype": "FP64" if data[name].dtype.kind == "f" else "INT64",
-            "data": [row[i] for row in split["data"]],
-        }
-        for i, name in enumerate(split["columns"])
-    ]
-    return json.dumps({"parameters": {"content_type": "pd"}, "inputs": columns})
+_LOCAL = set(LocalRuntime.model_fields) - {"kind"}
+_KUBE = set(KubernetesRuntime.model_fields) - {"kind"}
 
 
-def read_predictions(answer: dict[str, Any], protocol: str) -> list[Any]:
-    """The predictions in a server's answer: MLflow's `predictions`, Seldon's
-    `data.ndarray` (or `data.tensor.values`), V2's first output's `data`."""
-    if protocol == "mlflow":
-        predictions: list[Any] = answer["predictions"]
-    elif protocol == "seldon":
-        data = answer["data"]
-        predictions = data["ndarray"] if "ndarray" in data else data["tensor"]["values"]
+def _unflatten(data: dict[str, Any]) -> dict[str, Any]:
+    """A flat record (before the split) in today's shape."""
+    observed = {key: data.pop(key) for key in list(data) if key in _OBSERVED}
+    if data.get("backend") == "seldon":
+        runtime = {key: data.pop(key, None) for key in ("namespace", "resource_name")}
+        runtime |= {"kind": "kubernetes", "resource_kind": "SeldonDeployment"}
+        for key in ("host", "port", "pid", "pid_started_at", "runtime_dir", "log_path"):
+            data.pop(key, None)
+        data.pop("prediction_log_dir", None), data.pop("server_settings", None)
     else:
-        predictions = answer["outputs"][0]["data"]
-    return predictions
+        runtime = {key: data.pop(key) for key in list(data) if key in _LOCAL}
+        runtime["kind"] = "local"
+        runtime["server_settings"] = runtime.get("server_settings") or {}
+        for key in _KUBE:
+            data.pop(key, None)
+    return {**data, "runtime": runtime, "observed": observed}

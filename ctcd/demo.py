@@ -46,5 +46,5 @@ def run(rows: int = DEFAULT_ROWS) -> None:
         f"  .venv/bin/ctcd models stop {service.uuid[:8]}\n"
         "Try it yourself (the model's own input example, 5 rows):\n"
         f"  curl -s {service.prediction_url} -H 'Content-Type: application/json' "
-        f"-d @{service.runtime_dir}/models/{service.model_version}/serving_input_example.json"
+        f"-d @{service.local.runtime_dir}/models/{service.model_version}/serving_input_example.json"
     )

@@ -85,7 +85,7 @@ def served_traffic(model_name: str, window: str, deployer: str | None = None) ->
             "data_path to compare a table instead",
         )
     since = datetime.now(UTC) - parse_window(window)
-    return read_log(str(service.runtime_dir), since=since)
+    return read_log(service.local.runtime_dir, since=since)
 
 
 def _same_test(name: str, reference: pd.Series, batch: pd.Series, psi_threshold: float,

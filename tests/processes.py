@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from blocks.local_process import free_port
+from ctcd import processes as procs
 
 
 def missing(why: str) -> None:
@@ -24,18 +23,14 @@ def missing(why: str) -> None:
 
 
 def loopback_port() -> int:
-    return free_port("127.0.0.1")
+    return procs.free_port("127.0.0.1")
 
 
 def stop_group(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     """SIGTERM the process group a test started, SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        procs.stop(procs.ProcessRef.of(proc.pid), timeout, whole_group=True)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
 
 

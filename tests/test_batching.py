@@ -18,7 +18,8 @@ import pytest
 from mlflow.pyfunc import scoring_server
 
 from blocks import MLflowModelDeployer
-from ctcd.serving.batching import BatchingModel, BatchSettings
+from ctcd.serving.batching import BatchingModel
+from ctcd.serving.settings import ServerSettings
 
 pytestmark = pytest.mark.server
 
@@ -76,7 +77,7 @@ def test_batched_predictions_equal_each_request_scored_alone(versions, label):
     4e-16), exactly as it does without ctcd when a client sends that row alone or inside a
     larger request; so for it, equal within 2 units in the last place."""
     model = _load(versions[label].model_uri)
-    scorer = BatchingModel(model, BatchSettings(max_batch_size=64, max_batch_wait_ms=200))
+    scorer = BatchingModel(model, ServerSettings(max_batch_size=64, max_batch_wait_ms=200))
     frames = _frames(model, 24)
     results = _concurrently([lambda f=f: scorer.predict(f) for f in frames])
     for frame, result in zip(frames, results, strict=True):
@@ -96,7 +97,7 @@ def test_a_request_that_fails_fails_alone(versions):
     """Rows with infinity pass the signature (they are doubles) but make the model raise:
     the batch they joined is scored again request by request, so only they fail."""
     model = _load(versions["better"].model_uri)
-    scorer = BatchingModel(model, BatchSettings(max_batch_size=64, max_batch_wait_ms=200))
+    scorer = BatchingModel(model, ServerSettings(max_batch_size=64, max_batch_wait_ms=200))
     frames = _frames(model, 12)
     poisoned = frames[5].copy()
     poisoned.iloc[0, 0] = np.inf
@@ -116,7 +117,7 @@ def test_a_request_that_fails_fails_alone(versions):
 
 def test_max_batch_size_caps_rows_per_call(versions):
     model = _load(versions["good"].model_uri)
-    scorer = BatchingModel(model, BatchSettings(max_batch_size=4, max_batch_wait_ms=200))
+    scorer = BatchingModel(model, ServerSettings(max_batch_size=4, max_batch_wait_ms=200))
     sizes: list[int] = []
     original = scorer._call
     scorer._call = lambda frame: sizes.append(len(frame)) or original(frame)  # type: ignore[method-assign]

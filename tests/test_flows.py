@@ -143,7 +143,7 @@ def test_bad_input_changes_nothing(small_csv, small_table, model_name, ctcd_home
         assert name in str(info.value) or kwargs.get("target", "~") in str(info.value)
     assert (_versions(model_name), _aliases(model_name)) == before
     [record] = MLflowModelDeployer().find_model_server()
-    assert record.pid == pid and record.status.value == "active"
+    assert record.local.pid == pid and record.status.value == "active"
     assert _served(served.service.prediction_url)["model_version"] == served.model_version
 
 

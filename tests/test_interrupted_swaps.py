@@ -27,7 +27,7 @@ import pytest
 from blocks import DeploymentConfig, MLflowModelDeployer, ServiceRecord
 from blocks import local_process as lp
 from ctcd.exceptions import ModelServerError
-from ctcd.serving.loadgen import Load
+from ctcd.loadgen import Load
 
 pytestmark = pytest.mark.server
 
@@ -37,7 +37,7 @@ CONVERGE_S = 90.0  # bound for the server to converge after a kill (a loaded 2-c
 
 
 def _example(record: ServiceRecord) -> bytes:
-    folder = Path(str(record.runtime_dir), "models", record.model_version)
+    folder = Path(str(record.local.runtime_dir), "models", record.model_version)
     return (folder / "serving_input_example.json").read_bytes()
 
 
@@ -98,7 +98,7 @@ def test_deploys_killed_at_each_step_converge_with_no_failed_request(
     monkeypatch.setenv("CTCD_TEST_LOAD_DELAY_S", str(LOAD_DELAY_S))
     deployer = MLflowModelDeployer(workers=WORKERS)
     record = deployer.deploy_model(versions["good"])
-    runtime = Path(str(record.runtime_dir))
+    runtime = Path(str(record.local.runtime_dir))
     steps = [
         ("desired-written", "better"),  # before the new worker is up
         ("worker-announced", "good"),  # after a new worker announced itself
@@ -126,7 +126,7 @@ def test_deploys_killed_at_each_step_converge_with_no_failed_request(
     assert stats.requests > 100, "the load generator barely ran"
     assert stats.failed == 0, (stats.errors, stats.resets)
     assert stats.longest < LOAD_DELAY_S * 0.66, "a request waited for a model to load"
-    assert after.pid == record.pid and after.live_workers == WORKERS
+    assert after.local.pid == record.local.pid and after.live_workers == WORKERS
     assert after.status.value == "active" and after.last_error is None
     assert versions_answered(after) == Counter({versions["good"].model_version: 60})
 
@@ -138,7 +138,7 @@ def test_master_killed_mid_swap_is_down_and_start_restores_the_recorded_version(
     monkeypatch.setenv("CTCD_TEST_PAUSE", "master-retired")  # the server's master stops there
     deployer = MLflowModelDeployer(workers=WORKERS)
     record = deployer.deploy_model(versions["good"])
-    runtime = Path(str(record.runtime_dir))
+    runtime = Path(str(record.local.runtime_dir))
     errors: list[BaseException] = []
 
     def deploy() -> None:
@@ -152,7 +152,7 @@ def test_master_killed_mid_swap_is_down_and_start_restores_the_recorded_version(
     _eventually((runtime / "paused-master-retired").exists, 180, "the master retiring a worker")
     children = lp.workers(record)
     assert len(children) == WORKERS + 1  # mid-swap: two old workers (one leaving), a new one
-    os.kill(int(record.pid or 0), signal.SIGKILL)
+    os.kill(int(record.local.pid or 0), signal.SIGKILL)
     swap.join(60)
     assert len(errors) == 1 and isinstance(errors[0], ModelServerError), errors
     assert "exited" in str(errors[0])

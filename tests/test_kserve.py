@@ -200,7 +200,7 @@ def test_deploy_creates_an_inference_service_that_serves_the_model(
     deployer, trained, features, kube_api
 ) -> None:
     record = deployer.deploy_model(trained["v1"])
-    name = str(record.resource_name)
+    name = record.kube.resource_name
     assert record.status == ServiceState.ACTIVE and record.protocol == "v2"
     assert record.prediction_url == (
         f"{deployer.base_url}/serving/{NS}/{name}/v2/models/{name}/infer"
@@ -227,7 +227,7 @@ def test_a_new_version_patches_in_place_and_a_stale_ready_does_not_count(
     deployer, trained, features, kube_api, components
 ) -> None:
     first = deployer.find_model_server("p", "s", MODEL)[0]
-    name = str(first.resource_name)
+    name = first.kube.resource_name
     created = _get(kube_api, f"{ISVCS}/{name}")["metadata"]["creationTimestamp"]
     controller = components["controller"]
     controller.hold_rollouts = True  # KServe acts on the spec; no new pod comes up
@@ -313,7 +313,7 @@ def test_a_failing_version_raises_and_the_previous_spec_serves_on(
     after = deployer.find_model_server("p", "s", MODEL)[0]
     assert after.model_version == trained["v2"].model_version
     assert "ModelLoadFailed" in str(after.last_error)
-    isvc = _get(kube_api, f"{ISVCS}/{before.resource_name}")
+    isvc = _get(kube_api, f"{ISVCS}/{before.kube.resource_name}")
     assert isvc["spec"]["predictor"]["model"]["storageUri"] == storage_uri(trained["v2"])
     assert after.predict(features) == pytest.approx(_in_process(trained["v2"], features))
 
@@ -413,7 +413,7 @@ def test_delete_removes_the_resource_and_then_the_unused_credentials(deployer, k
     with kube_api.client() as kube:
         for i, record in enumerate(records):
             assert deployer.delete_model_server(record.uuid)
-            _gone(kube, f"{ISVCS}/{record.resource_name}")  # after KServe's finalizer
+            _gone(kube, f"{ISVCS}/{record.kube.resource_name}")  # after KServe's finalizer
             last = i == len(records) - 1
             assert kube.get(secret).status_code == (404 if last else 200)
             assert kube.get(account).status_code == (404 if last else 200)

@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ctcd.serving.loadgen import Load, rows_in
+from ctcd.client import rows_in
+from ctcd.loadgen import Load
 
 pytestmark = pytest.mark.unit
 

@@ -40,10 +40,12 @@ def test_server_outlives_the_process_that_deployed_it(versions, ctcd_home):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     [record] = MLflowModelDeployer().find_model_server()
-    assert record.status.value == "active" and record.host == "127.0.0.1"
+    assert record.status.value == "active" and record.local.host == "127.0.0.1"
     assert record.prediction_url == done.stdout.strip().splitlines()[-1]
     assert _version_served(record) == versions["good"].model_version
-    example = Path(record.runtime_dir, "models", record.model_version, "serving_input_example.json")
+    example = Path(
+        record.local.runtime_dir, "models", record.model_version, "serving_input_example.json"
+    )
     response = httpx.post(
         record.prediction_url,
         content=example.read_bytes(),
@@ -62,7 +64,7 @@ def test_broken_version_is_refused_and_the_old_one_keeps_serving(versions, ctcd_
     assert "failed to load or to score its input example" in message
     assert "Traceback" in message and "skops" in message.lower()
     [record] = deployer.find_model_server()
-    assert record.pid == first.pid and record.status.value == "active"
+    assert record.local.pid == first.local.pid and record.status.value == "active"
     assert _version_served(record) == versions["good"].model_version
     assert record.model_version == versions["good"].model_version
     assert "Probing served-model version 3" in str(record.last_error)
@@ -90,11 +92,11 @@ def test_stop_start_kill_and_delete(versions, ctcd_home):
     started = deployer.start_model_server(record.uuid)
     assert started.status.value == "active" and started.prediction_url == record.prediction_url
 
-    os.killpg(started.pid, signal.SIGKILL)  # the master and its workers, as an OOM kill would
+    os.killpg(started.local.pid, signal.SIGKILL)  # the master and its workers, as an OOM kill would
     time.sleep(0.5)
     [crashed] = deployer.find_model_server()
     assert crashed.status.value == "error"
-    assert f"server process {started.pid} is not running" in crashed.status_message
+    assert f"server process {started.local.pid} is not running" in crashed.status_message
     restarted = deployer.start_model_server(record.uuid)
     assert restarted.status.value == "active" and restarted.prediction_url == record.prediction_url
     assert _version_served(restarted) == versions["good"].model_version
@@ -121,7 +123,10 @@ def test_concurrent_deploys_leave_one_server(versions, ctcd_home):
 
 def test_pid_reuse_is_not_mistaken_for_the_server(versions, ctcd_home):
     record = MLflowModelDeployer().deploy_model(versions["good"])
-    impostor = record.model_copy(update={"pid": os.getpid()})  # alive, but started at another time
+    # alive, but started at another time
+    impostor = record.model_copy(
+        update={"runtime": record.local.model_copy(update={"pid": os.getpid()})}
+    )
     assert lp.process(record) is not None and lp.process(impostor) is None
 
 
@@ -133,7 +138,7 @@ def test_saved_deployer_block_is_used_by_name(versions, ctcd_home, tmp_path):
     assert isinstance(deployer, MLflowModelDeployer) and deployer.workers == 2
     record = deployer.deploy_model(versions["good"])
     try:
-        assert record.workers == 2 and Path(record.runtime_dir).parent == tmp_path / "srv"
+        assert record.workers == 2 and Path(record.local.runtime_dir).parent == tmp_path / "srv"
         assert find_service(NAME, deployer="two-workers").uuid == record.uuid
         workers = [p for p in lp.process(record).children() if "gunicorn" in " ".join(p.cmdline())]
         assert len(workers) == 2

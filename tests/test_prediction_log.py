@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from blocks import MLflowModelDeployer
-from ctcd.serving.loadgen import Load
+from ctcd.loadgen import Load
 from ctcd.serving.predlog import read_log
 
 pytestmark = pytest.mark.server
@@ -26,7 +26,7 @@ SECRET = "Bearer do-not-log-this-token-7f3a"
 
 
 def _example(record) -> dict:
-    folder = Path(record.runtime_dir, "models", record.model_version)
+    folder = Path(record.local.runtime_dir, "models", record.model_version)
     return json.loads((folder / "serving_input_example.json").read_text())
 
 
@@ -85,7 +85,7 @@ def test_served_requests_are_logged_by_request_id(versions, ctcd_home):
         total = sum(len(rows) for rows in sent.values())
         assert _wait_rows(deployer, record, total) == {"written_rows": total, "dropped_rows": 0}
 
-        log = read_log(record.runtime_dir)
+        log = read_log(record.local.runtime_dir)
         assert set(log["request_id"]) == set(sent)  # the refused request is not there
         assert set(log["model_version"]) == {record.model_version}
         for rid, rows in sent.items():
@@ -94,7 +94,7 @@ def test_served_requests_are_logged_by_request_id(versions, ctcd_home):
             assert mine["prediction"].tolist() == answers[rid]
         files = list(Path(str(record.prediction_log_dir)).rglob("*.parquet"))
         assert files and all(f.parent.name.startswith("hour=") for f in files)
-        everything = b"".join(f.read_bytes() for f in Path(str(record.runtime_dir)).rglob("*")
+        everything = b"".join(f.read_bytes() for f in Path(str(record.local.runtime_dir)).rglob("*")
                               if f.is_file() and f.name != "server.log")  # fmt: skip
         assert b"do-not-log-this-token" not in everything
         assert b"refused-1" not in everything
@@ -131,7 +131,7 @@ def test_swap_and_a_killed_worker_leave_a_readable_log_of_both_versions(versions
             time.sleep(1.5)
             record = deployer.deploy_model(versions["better"])
             time.sleep(1.0)
-            victim = psutil.Process(record.pid).children()[0]
+            victim = psutil.Process(record.local.pid).children()[0]
             os.kill(victim.pid, signal.SIGKILL)
             time.sleep(2.0)
         assert load.stats.requests > 50
@@ -139,7 +139,7 @@ def test_swap_and_a_killed_worker_leave_a_readable_log_of_both_versions(versions
         folder = Path(str(record.prediction_log_dir))
         for path in folder.rglob("*.parquet"):
             pd.read_parquet(path)  # every file written is whole
-        log = read_log(record.runtime_dir)
+        log = read_log(record.local.runtime_dir)
         assert set(log["model_version"]) == {versions["good"].model_version,
                                              versions["better"].model_version}  # fmt: skip
         assert log.groupby("request_id")["row"].count().eq(2).all()
@@ -150,10 +150,11 @@ def test_swap_and_a_killed_worker_leave_a_readable_log_of_both_versions(versions
 def test_retention_and_sampling(tmp_path: Path) -> None:
     """In process (no server): `max_log_bytes` deletes the oldest files first; `sample_rate`
     keeps about that share of requests; a log switched off writes nothing."""
-    from ctcd.serving.predlog import LogSettings, PredictionLog, read_stats
+    from ctcd.serving.predlog import PredictionLog, read_stats
+    from ctcd.serving.settings import ServerSettings
 
     frame = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]})
-    log = PredictionLog(tmp_path, "7", LogSettings(max_bytes=20_000, flush_s=3600))
+    log = PredictionLog(tmp_path, "7", ServerSettings(max_log_bytes=20_000, log_flush_s=5))
     for i in range(40):
         for j in range(20):
             log.record(f"r{i}-{j}", frame, [0.5, 0.6])
@@ -167,14 +168,16 @@ def test_retention_and_sampling(tmp_path: Path) -> None:
     assert kept["request_id"].iloc[-1] == "r39-19" and "r0-0" not in set(kept["request_id"])
     assert read_stats(tmp_path)["written_rows"] == 40 * 20 * 2
 
-    sampled = PredictionLog(tmp_path / "s", "7", LogSettings(sample_rate=0.25, flush_s=3600))
+    sampled = PredictionLog(
+        tmp_path / "s", "7", ServerSettings(log_sample_rate=0.25, log_flush_s=5)
+    )
     for i in range(2_000):
         sampled.record(f"s{i}", frame, [0.5, 0.6])
     sampled.close()
     share = len(read_log(tmp_path / "s")) / (2 * 2_000)
     assert 0.18 < share < 0.32, share
 
-    off = PredictionLog(tmp_path / "off", "7", LogSettings(enabled=False))
+    off = PredictionLog(tmp_path / "off", "7", ServerSettings(prediction_log=False))
     off.record("x", frame, [0.5, 0.6])
     off.close()
     assert not (tmp_path / "off").exists()

@@ -212,8 +212,8 @@ def test_the_loop_from_served_traffic_to_a_new_version(deployed, small_csv, tmp_
     drift monitor, run from its deployment on the served log, emits the event; the trigger
     trains on the newer data and continuous deployment swaps in v2. The client sees no failed
     request from start to end, and the log shows both versions."""
+    from ctcd.loadgen import Load
     from ctcd.sample import generate
-    from ctcd.serving.loadgen import Load
     from ctcd.serving.predlog import read_log
     from flows.data import feature_frame
 
@@ -275,11 +275,11 @@ def test_the_loop_from_served_traffic_to_a_new_version(deployed, small_csv, tmp_
         assert served.model_version == "2" and served.uuid == first.uuid
         assert len(_completed_runs(env, "continuous-training")) == 2
         _wait(
-            lambda: set(read_log(served.runtime_dir)["model_version"]) == {"1", "2"},
+            lambda: set(read_log(served.local.runtime_dir)["model_version"]) == {"1", "2"},
             30,
             "both versions in the log",
         )
-        log = read_log(served.runtime_dir)
+        log = read_log(served.local.runtime_dir)
         assert log["request_id"].str.startswith("loop-").all()
     finally:
         if load is not None:

@@ -184,7 +184,7 @@ def test_deploy_creates_a_seldon_deployment_that_serves_the_model(
     deployer, trained, features, kube_api
 ) -> None:
     record = deployer.deploy_model(trained["v1"])
-    name = record.resource_name
+    name = record.kube.resource_name
     assert record.status == ServiceState.ACTIVE and record.protocol == "seldon"
     assert record.prediction_url == (f"{deployer.base_url}/seldon/{NS}/{name}/api/v1.0/predictions")
     # What the cluster holds: the CRD-validated resource, its labels and record annotation.
@@ -209,7 +209,7 @@ def test_a_new_version_patches_in_place_and_readiness_waits_for_the_rollout(
     deployer, trained, features, kube_api, components
 ) -> None:
     first = deployer.find_model_server("p", "s", MODEL)[0]
-    name = str(first.resource_name)
+    name = str(first.kube.resource_name)
     created = _sdep(kube_api, name)["metadata"]["creationTimestamp"]
     seen: list[tuple[str, bool]] = []  # (status.state, new model serving yet) while deploying
     done = threading.Event()
@@ -249,7 +249,7 @@ def test_a_fresh_deployer_finds_the_service_by_its_labels(
     _deployer(components, kube_api).save("seldon-test", overwrite=True)
     found = find_service(MODEL, deployer="seldon-model-deployer/seldon-test")
     assert found.backend == "seldon" and found.model_version == trained["v2"].model_version
-    assert found.status == ServiceState.ACTIVE and found.resource_name
+    assert found.status == ServiceState.ACTIVE and found.kube.resource_name
     assert found.predict(features) == pytest.approx(_in_process(trained["v2"], features))
 
 
@@ -307,7 +307,7 @@ def test_a_failing_version_raises_and_the_previous_spec_serves_on(
     after = deployer.find_model_server("p", "s", MODEL)[0]
     assert after.model_version == trained["v2"].model_version
     assert "Failed" in str(after.last_error)
-    graph = _sdep(kube_api, str(before.resource_name))["spec"]["predictors"][0]["graph"]
+    graph = _sdep(kube_api, str(before.kube.resource_name))["spec"]["predictors"][0]["graph"]
     assert graph["modelUri"] == storage_uri(trained["v2"])
     assert after.predict(features) == pytest.approx(_in_process(trained["v2"], features))
 
@@ -404,7 +404,7 @@ def test_delete_removes_the_resource_and_then_the_unused_secret(deployer, kube_a
     with kube_api.client() as kube:
         for i, record in enumerate(records):
             assert deployer.delete_model_server(record.uuid)
-            gone = kube.get(f"{SDEPS.format(ns=NS)}/{record.resource_name}").status_code == 404
+            gone = kube.get(f"{SDEPS.format(ns=NS)}/{record.kube.resource_name}").status_code == 404
             assert gone
             last = i == len(records) - 1
             assert kube.get(secret).status_code == (404 if last else 200)

@@ -25,7 +25,7 @@ from ctcd.serving.limits import RequestGuard
 
 pytestmark = pytest.mark.server
 
-LIMIT = 1024 * 1024  # the server's CTCD_MAX_BODY_BYTES in this module
+LIMIT = 1024 * 1024  # the server's max_body_bytes in this module
 SEED = 20_240_611
 JSON = "application/json"
 CSV = "text/csv"
@@ -50,10 +50,10 @@ class Case:
 def server(versions, tmp_path_factory) -> Iterator[ServiceRecord]:
     """The session's linear model served by two workers with a 1 MiB body limit."""
     config = versions["good"]
-    deployer = MLflowModelDeployer(workers=2, root_dir=str(tmp_path_factory.mktemp("fuzz-srv")))
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CTCD_MAX_BODY_BYTES", str(LIMIT))  # the server inherits it when spawned
-        record = deployer.deploy_model(config)
+    deployer = MLflowModelDeployer(
+        workers=2, root_dir=str(tmp_path_factory.mktemp("fuzz-srv")), max_body_bytes=LIMIT
+    )
+    record = deployer.deploy_model(config)
     try:
         yield record
     finally:
@@ -420,11 +420,11 @@ def _problem(case: Case, response: httpx.Response) -> str | None:
 def test_a_thousand_bad_requests_get_4xx_and_the_server_stays_up(server: ServiceRecord) -> None:
     base = server.prediction_url.removesuffix("/invocations")
     example = Path(
-        str(server.runtime_dir), "models", server.model_version, "serving_input_example.json"
+        str(server.local.runtime_dir), "models", server.model_version, "serving_input_example.json"
     )
     fuzzer = Fuzzer(json.loads(example.read_text()), SEED)
     bad = fuzzer.bad_cases()
-    master = psutil.Process(server.pid)
+    master = psutil.Process(server.local.pid)
     workers_before = {p.pid for p in master.children()}
     assert len(workers_before) == 2
 
@@ -473,10 +473,10 @@ def test_a_thousand_bad_requests_get_4xx_and_the_server_stays_up(server: Service
     assert client_errors == len(bad)
     valid = sum(case.kind == "valid" for case in schedule)
     assert statuses["valid"][200] == valid
-    assert master.is_running() and master.pid == server.pid
+    assert master.is_running() and master.pid == server.local.pid
     assert httpx.get(server.health_url, timeout=5).status_code == 200
     assert {p.pid for p in master.children()} == workers_before, "a worker crashed"
-    log = Path(str(server.log_path)).read_text()
+    log = Path(str(server.local.log_path)).read_text()
     assert "Exception in ASGI application" not in log
 
 

@@ -12,7 +12,7 @@ import pytest
 from blocks import MLflowModelDeployer
 from blocks import local_process as lp
 from ctcd.exceptions import ModelLoadError
-from ctcd.serving.loadgen import Load
+from ctcd.loadgen import Load
 
 pytestmark = pytest.mark.server
 
@@ -25,7 +25,7 @@ def slow_loads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _example(record) -> bytes:
-    folder = Path(record.runtime_dir, "models", record.model_version)
+    folder = Path(record.local.runtime_dir, "models", record.model_version)
     return (folder / "serving_input_example.json").read_bytes()
 
 
@@ -50,7 +50,7 @@ def test_redeploys_under_load_fail_no_request(versions, ctcd_home, slow_loads, w
             assert {p.pid for p in lp.workers(updated)}.isdisjoint(pids_before)
             pids_before = {p.pid for p in lp.workers(updated)}
     _assert_no_request_failed_or_waited(load, 100)
-    assert len(lp.workers(updated)) == workers and updated.pid == record.pid
+    assert len(lp.workers(updated)) == workers and updated.local.pid == record.local.pid
     assert updated.live_workers == workers and updated.status.value == "active"
 
 

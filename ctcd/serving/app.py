@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import os
 import signal
 import sys
@@ -36,27 +35,36 @@ import pandas as pd
 from fastapi.responses import JSONResponse
 from mlflow.pyfunc import PyFuncModel, load_model, scoring_server
 
+from ctcd.files import write_json
+from ctcd.seams import load_delay
 from ctcd.serving import desired as ds
-from ctcd.serving.batching import BatchingModel, BatchSettings, model_threads, set_threads
+from ctcd.serving.batching import BatchingModel, set_threads
 from ctcd.serving.fastpath import FastInvocations
 from ctcd.serving.limits import RequestGuard
-from ctcd.serving.predlog import LogSettings, PredictionLog
+from ctcd.serving.predlog import PredictionLog
+from ctcd.serving.settings import ServerSettings
 
 SERVICE_DIR = Path(os.environ["CTCD_SERVICE_DIR"])
-# Tests only: seconds a worker spends "loading" on top of the real load, so that a request
-# routed to a loading worker would show in the longest request time.
-_TEST_LOAD_DELAY = float(os.environ.get("CTCD_TEST_LOAD_DELAY_S", "0"))
+
+
+def _settings() -> ServerSettings:
+    """The settings the desired state names (else `CTCD_*` variables, else the defaults)."""
+    current = ds.read_desired(SERVICE_DIR) or {}
+    return ServerSettings(**current.get("settings") or {})
+
+
+SETTINGS = _settings()
 
 
 def _load_checked(path: str) -> PyFuncModel:
     """Load the model and score its own input example: a model that loads but cannot
     predict is as broken as one that does not load."""
     loaded = load_model(path)
-    set_threads(loaded, model_threads())
+    set_threads(loaded, SETTINGS.model_threads)
     example = loaded.input_example
     if example is not None:
         loaded.predict(example if isinstance(example, pd.DataFrame) else pd.DataFrame(example))
-    time.sleep(_TEST_LOAD_DELAY)
+    time.sleep(load_delay())  # tests only (ctcd.seams)
     return loaded
 
 
@@ -65,11 +73,12 @@ def _load() -> tuple[dict[str, Any], PyFuncModel, dict[str, Any]]:
     current = ds.read_desired(SERVICE_DIR)
     if current is None:
         raise RuntimeError(f"{SERVICE_DIR / ds.CURRENT} is missing or unreadable")
-    said = {"pid": os.getpid(), "generation": current.get("generation"), "fallback": False}
+    said = {"pid": os.getpid(), "generation": current.get("generation"), "fallback": False,
+            "settings_id": current.get("settings_id")}  # fmt: skip
     try:
         return current, _load_checked(current["model_path"]), said
     except Exception as err:
-        stable = ds.read_json(SERVICE_DIR / ds.STABLE)
+        stable = ds.read_stable(SERVICE_DIR)
         if stable is None:
             raise
         print(
@@ -85,22 +94,20 @@ def _load() -> tuple[dict[str, Any], PyFuncModel, dict[str, Any]]:
 def _announce(serving: dict[str, Any], said: dict[str, Any]) -> None:
     folder = SERVICE_DIR / ds.WORKERS
     folder.mkdir(exist_ok=True)
-    path = folder / f"{os.getpid()}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(said | {"model_version": serving["model_version"]}))
-    tmp.replace(path)
+    write_json(folder / f"{os.getpid()}.json", said | {"model_version": serving["model_version"]})
     master = int(os.environ.get("CTCD_MASTER_PID", "0"))
     if master and os.getppid() == master:  # wake the master: it acts on announcements
         os.kill(master, signal.SIGWINCH)
 
 
 SERVING, model, _SAID = _load()
-predictions = PredictionLog(SERVICE_DIR, SERVING["model_version"], LogSettings.from_env())
+predictions = PredictionLog(SERVICE_DIR, SERVING["model_version"], SETTINGS)
 atexit.register(predictions.close)
-scorer = BatchingModel(model, BatchSettings.from_env(), log=predictions)
+scorer = BatchingModel(model, SETTINGS, log=predictions)
 app = scoring_server.init(scorer)  # type: ignore[arg-type]
 app.add_middleware(FastInvocations, scorer=scorer)
-app.add_middleware(RequestGuard)  # outermost of the two: its limits apply to both paths
+# outermost of the two: its limits apply to both paths
+app.add_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes)
 
 
 @app.on_event("shutdown")  # type: ignore[untyped-decorator]
@@ -126,7 +133,8 @@ async def metadata() -> JSONResponse:
         "predict_calls": scorer.batches,
         "requests": scorer.batched_requests,
     } | scorer.counts
-    extra = {"worker_pid": os.getpid(), "model_threads": model_threads(), "batching": batching}
+    extra = {"worker_pid": os.getpid(), "model_threads": SETTINGS.model_threads,
+             "batching": batching, "settings": SETTINGS.model_dump(mode="json")}  # fmt: skip
     return JSONResponse({key: SERVING[key] for key in keys} | extra)
 
 

@@ -18,7 +18,6 @@ request at a time, exactly as without batching.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
@@ -35,30 +34,7 @@ from threadpoolctl import threadpool_limits
 
 from ctcd.serving.forest import direct_predict
 from ctcd.serving.predlog import REQUEST_ID, PredictionLog, new_request_id
-
-DEFAULT_MAX_BATCH_SIZE = 256
-DEFAULT_MAX_BATCH_WAIT_MS = 0.0
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """`max_batch_size` rows per `predict` call (1 turns batching off); `max_batch_wait_ms`
-    a batch may wait for more requests once it has one."""
-
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    max_batch_wait_ms: float = DEFAULT_MAX_BATCH_WAIT_MS
-
-    @classmethod
-    def from_env(cls) -> BatchSettings:
-        """`CTCD_MAX_BATCH_SIZE` and `CTCD_MAX_BATCH_WAIT_MS` (set by the deployer)."""
-        size = int(os.environ.get("CTCD_MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE))
-        wait = float(os.environ.get("CTCD_MAX_BATCH_WAIT_MS", DEFAULT_MAX_BATCH_WAIT_MS))
-        if size < 1 or wait < 0:
-            raise ValueError(
-                f"CTCD_MAX_BATCH_SIZE must be >= 1 and CTCD_MAX_BATCH_WAIT_MS >= 0 "
-                f"(got {size} and {wait})"
-            )
-        return cls(size, wait)
+from ctcd.serving.settings import ServerSettings
 
 
 @dataclass
@@ -99,11 +75,11 @@ class BatchingModel:
     def __init__(
         self,
         model: PyFuncModel,
-        settings: BatchSettings | None = None,
+        settings: ServerSettings | None = None,
         log: PredictionLog | None = None,
     ) -> None:
         self.model = model
-        self.settings = settings or BatchSettings()
+        self.settings = settings or ServerSettings()
         self.log = log  # what MLflow's route scored is recorded here (fastpath records its own)
         meta: Any = model.metadata
         self.input_schema = meta.get_input_schema()
@@ -227,12 +203,6 @@ def _settle(result: Future[Any], compute: Callable[[], Any]) -> None:
         result.set_result(compute())
     except Exception as err:
         result.set_exception(err)
-
-
-def model_threads() -> int:
-    """Threads the served model may use per worker: `CTCD_MODEL_THREADS`, default 1; 0 leaves
-    the model's own settings (e.g. a forest trained with `n_jobs=-1` uses every core)."""
-    return max(0, int(os.environ.get("CTCD_MODEL_THREADS", "1")))
 
 
 def set_threads(model: PyFuncModel, threads: int) -> None:

@@ -14,14 +14,13 @@ folder, shared by the deploying process, the gunicorn master and the workers).
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
+
+from ctcd.files import locked, read_json, write_json
+from ctcd.serving.settings import ServerSettings
 
 CURRENT = "current.json"
 STABLE = "stable.json"
@@ -29,43 +28,15 @@ WORKERS = "workers"
 MODEL_KEYS = (
     "uuid", "model_name", "model_version", "model_uri", "model_path", "run_id", "flow_run_id",
 )  # fmt: skip
-PAUSE_ENV = "CTCD_TEST_PAUSE"  # tests only: see `pause_point`
-
-
-def write_durable(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically and durably: readers see the old file or the new one, and the new
-    one survives a crash of the machine once this returns."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def read_desired(runtime: Path) -> dict[str, Any] | None:
     return read_json(runtime / CURRENT)
 
 
-@contextmanager
-def _locked(runtime: Path) -> Iterator[None]:
+def _locked(runtime: Path) -> AbstractContextManager[None]:
     """Serialises writers of `current.json` (a deploy and the master's revert)."""
-    with open(runtime / ".current.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+    return locked(runtime / ".current.lock")
 
 
 def set_desired(
@@ -74,9 +45,11 @@ def set_desired(
     workers: int,
     expect_generation: int | None = None,
     rejected: dict[str, Any] | None = None,
+    settings: ServerSettings | None = None,
 ) -> int | None:
     """Write the desired state with the next generation and return that generation. With
-    `expect_generation`, write only if the file still has that generation (else None)."""
+    `expect_generation`, write only if the file still has that generation (else None).
+    `settings` (the workers' `ServerSettings`) default to those the file has now."""
     with _locked(runtime):
         now = read_desired(runtime) or {}
         generation = int(now.get("generation", 0))
@@ -84,10 +57,69 @@ def set_desired(
             return None
         data = {key: model.get(key) for key in MODEL_KEYS}
         data |= {"workers": workers, "generation": generation + 1, "written_at": time.time()}
+        if settings is not None:
+            data |= {
+                "settings": settings.model_dump(mode="json"),
+                "settings_id": settings.fingerprint(),
+            }
+        elif "settings" in now:
+            data |= {"settings": now["settings"], "settings_id": now.get("settings_id")}
         if rejected:
             data["rejected"] = rejected
-        write_durable(runtime / CURRENT, data)
+        write_json(runtime / CURRENT, data, durable=True)
         return generation + 1
+
+
+def serves(said: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Whether a worker's announcement is what the desired state asks: its version, and its
+    settings when the desired state names them."""
+    same_settings = not want.get("settings_id") or said.get("settings_id") == want["settings_id"]
+    return str(said.get("model_version")) == str(want.get("model_version")) and same_settings
+
+
+def served(said: dict[str, Any], want: dict[str, Any]) -> str:
+    """What a worker serves, for observers: its version, marked when its settings are not the
+    desired ones (such a worker is replaced like one of another version)."""
+    version = str(said.get("model_version"))
+    if version == str(want.get("model_version")) and not serves(said, want):
+        return f"{version} (previous settings)"
+    return version
+
+
+def read_stable(runtime: Path) -> dict[str, Any] | None:
+    """The model all workers served at once last (None before the first time)."""
+    return read_json(runtime / STABLE)
+
+
+def write_stable(runtime: Path, model: dict[str, Any]) -> None:
+    data = {key: model.get(key) for key in MODEL_KEYS}
+    if {key: (read_stable(runtime) or {}).get(key) for key in MODEL_KEYS} != data:
+        write_json(runtime / STABLE, data, durable=True)
+
+
+def revert_to_stable(
+    runtime: Path, workers: int, generation: int, version: object, reason: str
+) -> int | None:
+    """Set the desired state back to the stable model, naming `version` as rejected and why,
+    if the desired state is still at `generation` (compare-and-swap); the new generation, or
+    None when nothing was written (no stable model yet, or the state moved on)."""
+    stable = read_stable(runtime)
+    if stable is None:
+        return None
+    rejected = {"model_version": version, "reason": reason}
+    return set_desired(runtime, stable, workers, generation, rejected)
+
+
+# What a server's workers were seen doing, oldest first: (pid, the version it announced or
+# None while it loads, whether it was told to leave).
+Seen = list[tuple[int, str | None, bool]]
+
+
+def converged(seen: Seen, want: dict[str, Any]) -> bool:
+    """Whether exactly the desired number of workers run, all serving the desired version."""
+    return len(seen) == int(want.get("workers", 1)) and all(
+        version == str(want["model_version"]) and not leaving for _, version, leaving in seen
+    )
 
 
 def announcement(runtime: Path, pid: int) -> dict[str, Any] | None:
@@ -97,13 +129,3 @@ def announcement(runtime: Path, pid: int) -> dict[str, Any] | None:
 
 def is_leaving(runtime: Path, pid: int) -> bool:
     return (runtime / WORKERS / f"{pid}.leaving").exists()
-
-
-def pause_point(step: str, runtime: Path) -> None:
-    """Tests only: when `CTCD_TEST_PAUSE` names `step`, create `paused-<step>` in the runtime
-    folder and sleep until killed, so a test can kill this process at exactly that step."""
-    if os.environ.get(PAUSE_ENV) != step:
-        return
-    (runtime / f"paused-{step}").write_text(str(os.getpid()))
-    while True:
-        time.sleep(1)

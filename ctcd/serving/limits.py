@@ -1,6 +1,6 @@
 """Request limits and client-error answers for the model server, as pure ASGI middleware.
 
-`RequestGuard` caps POST bodies at `CTCD_MAX_BODY_BYTES` (default 16 MiB) without buffering
+`RequestGuard` caps POST bodies at the server's `max_body_bytes` (default 16 MiB) without buffering
 them, and turns the few malformed requests MLflow's scoring app fails on with a 500 into
 4xx answers that say what was wrong. It does not mask server faults: only exceptions raised
 inside MLflow's decoding of a JSON body are answered as the client's error (400); any other
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import traceback
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("ctcd.serving")
 
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 # MLflow's scoring-server function that decodes a JSON body into model input. Exceptions
 # from below it are the body's fault (too deeply nested, integers of over 4,300 digits,
 # unhashable column names); MLflow turns most such errors into 400s but lets these escape.
@@ -28,11 +26,6 @@ _PARSING = ("mlflow.pyfunc.scoring_server", "_parse_json_data")
 class _TooLarge(Exception):
     """Raised from the app's `receive` once a body without a length passes the limit, to
     stop the app reading; the middleware then answers 413."""
-
-
-def max_body_bytes() -> int:
-    """The body-size limit in bytes: `CTCD_MAX_BODY_BYTES`, default 16 MiB."""
-    return int(os.environ.get("CTCD_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -66,14 +59,14 @@ class RequestGuard:
     limit, if the app has not started its response.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
-        self.max_bytes = max_body_bytes() if max_bytes is None else max_bytes
+        self.max_bytes = max_bytes
 
     def _too_large(self) -> str:
         return (
             f"The request body is larger than this server's limit of {self.max_bytes:,} bytes "
-            "(CTCD_MAX_BODY_BYTES). Send fewer rows per request: split the batch into "
+            "(the deployer's `max_body_bytes`). Send fewer rows per request: split the batch into "
             "several smaller requests."
         )
 

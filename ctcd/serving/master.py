@@ -22,6 +22,7 @@ from typing import Any
 from gunicorn.app.wsgiapp import WSGIApplication
 from gunicorn.arbiter import Arbiter
 
+from ctcd.seams import pause_point
 from ctcd.serving import desired as ds
 
 
@@ -78,25 +79,16 @@ class ConvergingArbiter(Arbiter):  # type: ignore[misc]
                 self._reject(want, said)
                 return None
             else:
-                (
-                    good if str(said["model_version"]) == str(want["model_version"]) else stale
-                ).append(pid)
+                (good if ds.serves(said, want) else stale).append(pid)
         return good, stale, loading
 
     def _reject(self, want: dict[str, Any], said: dict[str, Any]) -> None:
-        stable = ds.read_json(self.runtime / ds.STABLE)
-        if stable is None:
-            return
         reason = f"a worker could not load or score it: {said.get('error')}"
-        rejected = {"model_version": want["model_version"], "reason": reason}
-        written = ds.set_desired(
-            self.runtime, stable, int(want["workers"]), want["generation"], rejected
-        )
-        if written:
-            self.log.error(
-                "ctcd: version %s rejected (%s); serving version %s again",
-                want["model_version"], reason, stable["model_version"],
-            )  # fmt: skip
+        version = want["model_version"]
+        if ds.revert_to_stable(self.runtime, int(want["workers"]), want["generation"], version,
+                               reason):  # fmt: skip
+            self.log.error("ctcd: version %s rejected (%s); serving the stable version again",
+                           version, reason)  # fmt: skip
 
     def _step(
         self,
@@ -125,7 +117,9 @@ class ConvergingArbiter(Arbiter):  # type: ignore[misc]
             self._retire(pid, f"{count} workers are wanted")
         for _ in range(count - len(good) - len(loading)):
             self.spawn_worker()
-        if len(good) == count and not loading and not self.leaving:
+        seen: ds.Seen = [(pid, str(want["model_version"]), False) for pid in good]
+        seen += [(pid, None, False) for pid in loading] + [(p, None, True) for p in self.leaving]
+        if ds.converged(seen, want):
             self._converged(want)
 
     def _retire(self, pid: int, why: str) -> None:
@@ -133,17 +127,14 @@ class ConvergingArbiter(Arbiter):  # type: ignore[misc]
         self.leaving.add(pid)
         (self.runtime / ds.WORKERS / f"{pid}.leaving").touch()
         self.kill_worker(pid, signal.SIGTERM)
-        ds.pause_point("master-retired", self.runtime)
+        pause_point("master-retired", self.runtime)
 
     def _converged(self, want: dict[str, Any]) -> None:
         key = (want["generation"], want["model_version"], want["workers"])
         if key == self.converged_on:
             return
         self.converged_on = key
-        stable = ds.read_json(self.runtime / ds.STABLE) or {}
-        model = {k: want.get(k) for k in ds.MODEL_KEYS}
-        if {k: stable.get(k) for k in ds.MODEL_KEYS} != model:
-            ds.write_durable(self.runtime / ds.STABLE, model)
+        ds.write_stable(self.runtime, want)
         self.log.info(
             "ctcd: all %s workers serve version %s", want["workers"], want["model_version"]
         )

@@ -22,7 +22,6 @@ the deploy's own check of a new server (its request id starts with `ctcd-probe-`
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import threading
@@ -30,7 +29,6 @@ import time
 import uuid
 from collections import deque
 from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,35 +36,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctcd.files import read_json, replacing, write_json
+from ctcd.serving.settings import ServerSettings
+
 FOLDER = "predictions"
 STATS = "_stats"
-DEFAULT_BUFFER_ROWS = 100_000
-DEFAULT_FLUSH_S = 2.0
-DEFAULT_MAX_BYTES = 1024**3
 # (time, request id, column names, input rows, predictions)
 Entry = tuple[float, str, tuple[str, ...], np.ndarray, np.ndarray]
-
-
-@dataclass(frozen=True)
-class LogSettings:
-    enabled: bool = True
-    sample_rate: float = 1.0
-    max_bytes: int = DEFAULT_MAX_BYTES
-    buffer_rows: int = DEFAULT_BUFFER_ROWS
-    flush_s: float = DEFAULT_FLUSH_S
-
-    @classmethod
-    def from_env(cls) -> LogSettings:
-        """`CTCD_PREDICTION_LOG` (1/0), `CTCD_LOG_SAMPLE_RATE`, `CTCD_MAX_LOG_BYTES`,
-        `CTCD_LOG_BUFFER_ROWS`, `CTCD_LOG_FLUSH_S` (set by the deployer)."""
-        env = os.environ.get
-        return cls(
-            enabled=env("CTCD_PREDICTION_LOG", "1").lower() not in ("0", "false", "no"),
-            sample_rate=float(env("CTCD_LOG_SAMPLE_RATE", "1.0")),
-            max_bytes=int(float(env("CTCD_MAX_LOG_BYTES", str(DEFAULT_MAX_BYTES)))),
-            buffer_rows=int(float(env("CTCD_LOG_BUFFER_ROWS", str(DEFAULT_BUFFER_ROWS)))),
-            flush_s=float(env("CTCD_LOG_FLUSH_S", str(DEFAULT_FLUSH_S))),
-        )
 
 
 # The id of the request being answered, set by `ctcd.serving.fastpath` for every
@@ -98,7 +74,7 @@ def request_id_from(header: bytes | None) -> str:
 class PredictionLog:
     """One worker's log (see the module docstring). `record` is safe from any thread."""
 
-    def __init__(self, runtime: Path, model_version: str, settings: LogSettings) -> None:
+    def __init__(self, runtime: Path, model_version: str, settings: ServerSettings) -> None:
         self.folder = runtime / FOLDER
         self.version = str(model_version)
         self.settings = settings
@@ -112,20 +88,20 @@ class PredictionLog:
         self._name = f"{os.getpid()}-{int(time.time() * 1000)}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if settings.enabled:
+        if settings.prediction_log:
             (self.folder / STATS).mkdir(parents=True, exist_ok=True)
             self._thread = threading.Thread(target=self._run, name="ctcd-predlog", daemon=True)
             self._thread.start()
 
     def record(self, request_id: str, frame: pd.DataFrame, predictions: Any) -> None:
         """Buffer one answered request; drop it (counted) if the buffer is full."""
-        if not self.settings.enabled or request_id.startswith(PROBE_PREFIX):
+        if not self.settings.prediction_log or request_id.startswith(PROBE_PREFIX):
             return
-        if self.settings.sample_rate < 1.0 and random.random() >= self.settings.sample_rate:
+        if self.settings.log_sample_rate < 1.0 and random.random() >= self.settings.log_sample_rate:
             return
         rows = len(frame)
         with self._lock:
-            if self._rows + rows > self.settings.buffer_rows:
+            if self._rows + rows > self.settings.log_buffer_rows:
                 self.dropped += rows
                 return
             self._rows += rows
@@ -143,7 +119,7 @@ class PredictionLog:
     # -- the writer thread ----------------------------------------------------------------
     def _run(self) -> None:
         retained = time.monotonic()
-        while not self._stop.wait(self.settings.flush_s):
+        while not self._stop.wait(self.settings.log_flush_s):
             # Retention lists every file of the log: about once a minute is enough.
             due = time.monotonic() - retained >= 60
             self.flush(retain=due)
@@ -156,7 +132,7 @@ class PredictionLog:
 
     def flush(self, retain: bool = True) -> None:
         """Write what is buffered (and, with `retain`, apply `max_bytes`)."""
-        if not self.settings.enabled:
+        if not self.settings.prediction_log:
             return
         with self._flushing:
             entries = []
@@ -182,18 +158,15 @@ class PredictionLog:
             folder.mkdir(parents=True, exist_ok=True)
             self._sequence += 1
             path = folder / f"{self._name}-{self._sequence:06d}.parquet"
-            tmp = folder / f".{path.name}.tmp"
-            frame.to_parquet(tmp, index=False)
-            tmp.replace(path)
+            with replacing(path) as tmp:
+                frame.to_parquet(tmp, index=False)
             self.written += len(frame)
 
     def _write_stats(self) -> None:
         stats = {"pid": os.getpid(), "written_rows": self.written, "dropped_rows": self.dropped,
                  "model_version": self.version, "at": time.time()}  # fmt: skip
         path = self.folder / STATS / f"{self._name}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stats))
-        tmp.replace(path)
+        write_json(path, stats)
 
     def _retain(self) -> None:
         """Delete the oldest files while the log is larger than `max_bytes`."""
@@ -206,7 +179,7 @@ class PredictionLog:
         files.sort(key=lambda f: f[:3])
         total = sum(f[3] for f in files)
         for *_, size, path in files:
-            if total <= self.settings.max_bytes:
+            if total <= self.settings.max_log_bytes:
                 break
             total -= size
             path.unlink(missing_ok=True)
@@ -238,9 +211,8 @@ def read_stats(runtime: Path) -> dict[str, int]:
     """Rows written and dropped, summed over the server's workers (past ones included)."""
     total = {"written_rows": 0, "dropped_rows": 0}
     for path in (runtime / FOLDER / STATS).glob("*.json"):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
+        data = read_json(path)
+        if data is None:
             continue
         for key in total:
             total[key] += int(data.get(key, 0))

@@ -9,7 +9,6 @@ when it is answered 200 with a JSON body whose `predictions` has one entry per r
 
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 import time
@@ -17,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
+
+from ctcd.client import answer_problem, rows_in
 
 
 @dataclass
@@ -35,28 +36,6 @@ class LoadStats:
         if len(self.latencies) < 2:
             return self.longest
         return statistics.quantiles(self.latencies, n=100)[int(q) - 1]
-
-
-def rows_in(body: bytes) -> int:
-    """How many rows a scoring-protocol JSON body carries (so how many predictions to expect)."""
-    data = json.loads(body)
-    if "dataframe_split" in data:
-        return len(data["dataframe_split"]["data"])
-    for key in ("dataframe_records", "instances", "inputs"):
-        if key in data:
-            return len(data[key])
-    raise ValueError(f"not a scoring-protocol body: keys {sorted(data)}")
-
-
-def _predictions_ok(response: httpx.Response, rows: int) -> str:
-    """'' for a real answer, else what was wrong with it."""
-    if response.status_code != 200:
-        return f"HTTP {response.status_code}"
-    try:
-        predictions = response.json()["predictions"]
-    except (ValueError, KeyError, TypeError):
-        return "200 without predictions"
-    return "" if len(predictions) == rows else f"200 with {len(predictions)} predictions"
 
 
 class Load:
@@ -102,7 +81,7 @@ class Load:
                 continue
             if body not in self._rows:
                 self._rows[body] = rows_in(body)
-            error = _predictions_ok(response, self._rows[body])
+            error = answer_problem(response, self._rows[body])
             return not error, attempt == 2, error
         return False, True, "unreachable"
 
