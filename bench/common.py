@@ -17,7 +17,7 @@ def isolated_home() -> Path:
     os.environ.update(
         CTCD_HOME=str(work / "home"),
         MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
-        CTCD_WARM_START="0",
+        CTCD_LOCAL_API="0",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     )

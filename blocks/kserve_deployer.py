@@ -13,8 +13,7 @@ from pydantic import Field, HttpUrl, field_validator
 from blocks import cluster, kube
 from blocks import kserve_manifest as km
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
-from blocks.kserve_kube import HINT as API_HINT
-from blocks.kserve_kube import KServeFailed, Session, check_kept, session
+from blocks.kserve_kube import MISSING, KServeFailed, Session, check_kept, session
 from blocks.kube_logs import follow, pod_logs
 from blocks.object_store import ObjectStoreCredentials
 from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
@@ -24,7 +23,7 @@ T = TypeVar("T")
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return kube.run(coro, API_HINT)
+    return kube.run(coro, "kserve", MISSING)
 
 
 class KServeModelDeployer(BaseModelDeployer):

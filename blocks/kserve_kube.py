@@ -22,12 +22,7 @@ KSERVE = kube.Resource(km.GROUP, km.VERSION, km.PLURAL, km.KIND)
 WAIT_HINT = "Check the predictor pods (`kubectl describe pods -l {label}={name}`) or raise the "
 WAIT_HINT += "deployer's `deploy_timeout`."
 
-HINT = (
-    "404: is KServe (its InferenceService CRD) installed, and the namespace there? 401/403: the "
-    "credentials need get/list/create/update/delete on inferenceservices (serving.kserve.io), "
-    "create/update/delete on secrets, get/create/update/delete on serviceaccounts, list on "
-    "deployments (apps) and pods, and get on pods/log."
-)
+MISSING = "Is KServe (its InferenceService CRD) installed, and the namespace there?"
 
 
 class KServeFailed(kube.RolloutFailed):

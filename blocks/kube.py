@@ -202,6 +202,8 @@ class Session:
                     raise
                 await self.core.replace_namespaced_secret(name, self.namespace, body)
         except ApiException as err:
+            if err.status in (401, 403):
+                raise  # the refusal names no data: the deployer says what grants it
             raise ModelServerError(
                 f"Writing Secret {name} in namespace {self.namespace}",
                 f"HTTP {err.status} {err.reason}",
@@ -277,10 +279,13 @@ async def session(
         yield make(client)
 
 
-def run(coro: Coroutine[Any, Any, T], hint: str) -> T:
-    """Run one API operation; connection and permission failures become clear errors
-    (`hint` says which permissions and resources the deployer needs)."""
+def run(coro: Coroutine[Any, Any, T], deployer: str, missing: str) -> T:
+    """Run one API operation; connection failures, refusals (401/403, through
+    `kube_errors.refused`, naming the verb, resource and the Role that grants it) and a 404
+    (`missing` says what may not be installed) become clear errors."""
     from aiohttp import ClientConnectionError
+
+    from blocks.kube_errors import refused
 
     try:
         result: T = run_coro_as_sync(coro)
@@ -290,9 +295,11 @@ def run(coro: Coroutine[Any, Any, T], hint: str) -> T:
             hint="Check the deployer's `cluster_config` (or KUBECONFIG / the in-cluster config).",
         ) from err  # fmt: skip
     except ApiException as err:
-        if err.status not in (401, 403, 404):
+        if (clear := refused(err, deployer)) is not None:
+            raise clear from None
+        if err.status != 404:
             raise
         raise ModelServerError(
-            "Calling the Kubernetes API", f"HTTP {err.status} {err.reason}", hint=hint
+            "Calling the Kubernetes API", f"HTTP {err.status} {err.reason}", hint=missing
         ) from None
     return result

@@ -22,16 +22,12 @@ from ctcd.exceptions import ModelServerError
 T = TypeVar("T")
 
 
-HINT = (
-    "404: is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace there? "
-    "401/403: the credentials need get/list/create/update/delete on seldondeployments and "
-    "secrets, and list on deployments and pods (pods/log: get)."
-)
+MISSING = "Is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace there?"
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one API operation; connection and permission failures become clear errors."""
-    return kube.run(coro, HINT)
+    return kube.run(coro, "seldon", MISSING)
 
 
 class SeldonModelDeployer(BaseModelDeployer):

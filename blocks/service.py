@@ -176,6 +176,10 @@ class ServiceRecord(BaseModel):
         return self.observed.worker_versions
 
     @property
+    def prediction_log_rows(self) -> dict[str, int]:
+        return self.observed.prediction_log_rows
+
+    @property
     def is_running(self) -> bool:
         return self.status == ServiceState.ACTIVE
 

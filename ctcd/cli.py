@@ -76,14 +76,26 @@ def list_models(
     console.print(table if records else "No model servers.")
 
 
+def _owner(record, deployer: str | None):  # type: ignore[no-untyped-def]
+    """The saved deployer block that made the server, else the deployer in use."""
+    if record.deployer_block:
+        try:
+            return _deployer(record.deployer_block)
+        except CtcdError:
+            pass  # deleted since: compare with the deployer in use
+    return _deployer(deployer)
+
+
 @models.command()
 def describe(
     uuid: str,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     deployer: DeployerOpt = None,
 ) -> None:
-    """Everything recorded about one server, with its observed status and why."""
+    """Everything recorded about one server, with its observed status and why, and where the
+    deployer block that made it now asks for other settings (`settings_differ`)."""
     record = _get(uuid, deployer)
+    record = record.seen(settings_differ=_owner(record, deployer).settings_differ(record))
     if as_json:
         typer.echo(json.dumps(record.summary(), indent=2))
         return

@@ -10,6 +10,8 @@ from ctcd.sample import DEFAULT_ROWS
 def run(rows: int = DEFAULT_ROWS) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from ctcd import local_api
+
+    local_api.prepare()  # the local Prefect server starts while the flows import
     from ctcd.sample import generate, sample_path
     from flows.continuous_deployment import continuous_deployment_pipeline
     from flows.data import feature_frame

@@ -162,3 +162,21 @@ class TrackingError(CtcdError, RuntimeError):
 
     def __init__(self, uri: str, problem: str, check: str) -> None:
         super().__init__(f"MLflow tracking server at {uri}: {problem}. Check {check}.")
+
+
+class KubernetesAccessError(CtcdError, PermissionError):
+    """The Kubernetes API server refused a request: names who asked, the verb, the resource
+    with its API group, the namespace, and what grants it. `verb`, `resource`, `group` and
+    `namespace` hold what was refused (empty when the server did not say)."""
+
+    def __init__(
+        self,
+        refused: str,
+        fix: str,
+        verb: str = "",
+        resource: str = "",
+        group: str = "",
+        namespace: str = "",
+    ) -> None:
+        self.verb, self.resource, self.group, self.namespace = verb, resource, group, namespace
+        super().__init__(f"Kubernetes refused {refused}. {fix}")

@@ -6,11 +6,13 @@ flow, waits for it (3-5 s, mostly that server importing itself) and stops it at 
 ctcd does what Prefect users do instead: it keeps one local server running, `prefect server
 start` on loopback with the UI, started by the first run and reused by the next ones.
 
-- `import flows` calls `prepare()`: it finds the server this `CTCD_HOME` recorded
+- A flow call runs inside `api()`: it finds the server this `CTCD_HOME` recorded
   (`prefect-server/server.json`: PID, the PID's start time, port, log) or starts one, detached,
-  in a session of its own, so it starts while the importing process goes on importing (a
-  separate process: no import ever runs in a second thread of this one).
-- A flow call runs inside `api()`: it waits until the server answers and points Prefect at it.
+  in a session of its own; waits until it answers and points Prefect at it. Importing the flows
+  starts nothing.
+- `prepare()` starts (or finds) it without waiting: `ctcd demo` calls it before it imports the
+  flows, so the server starts while that process imports (a separate process: no import ever
+  runs in a second thread of this one).
 - `ctcd prefect-server status|start|stop` shows, starts and stops it (`stop` ends the process
   group ctcd started, by PID).
 
@@ -67,7 +69,7 @@ def _folder() -> Path:
 
 def enabled() -> bool:
     """Whether ctcd should provide the API: nothing configured one and nobody said no."""
-    if os.environ.get("CTCD_LOCAL_API", os.environ.get("CTCD_WARM_START", "1")) == "0":
+    if os.environ.get("CTCD_LOCAL_API", "1") == "0":
         return False
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
@@ -146,7 +148,8 @@ def ensure() -> LocalServer:
 
 
 def prepare() -> None:
-    """At `import flows`: choose (or start) the server, without waiting for it."""
+    """Choose (or start) the server without waiting for it, so it starts while the caller
+    goes on (`ctcd demo` calls this before it imports the flows)."""
     global _chosen
     if _chosen is None and enabled():
         _chosen = ensure()
@@ -175,14 +178,15 @@ def wait_healthy(server: LocalServer, timeout: float = START_TIMEOUT) -> None:
 
 @contextlib.contextmanager
 def api() -> Iterator[None]:
-    """Run the enclosed flow against the local server, once it answers. A no-op when an API
-    URL is configured by now (e.g. a test harness started after the import)."""
+    """Run the enclosed flow against the local server (started now if `prepare` did not,
+    reused if it runs), once it answers. A no-op when an API URL is configured (a server, a
+    worker, a test harness) or ctcd's local server is switched off (`enabled`)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if _chosen is None or PREFECT_API_URL.value():
+    if not enabled():
         yield
         return
-    server = _chosen if _alive(_chosen) else ensure()
+    server = _chosen if _chosen is not None and _alive(_chosen) else ensure()
     wait_healthy(server)
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield

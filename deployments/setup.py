@@ -19,11 +19,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL_TYPES = {"ctcd-process": "process", "ctcd-kubernetes": "kubernetes"}
-# Defaults of the Kubernetes pool's job variables (each can be overridden per deployment).
+# Defaults of the Kubernetes pool's job variables (each can be overridden per deployment). The
+# namespace and the flow runs' service account are those of deployments/kubernetes/.
 KUBERNETES_DEFAULTS: dict[str, Any] = {
     "image": "ctcd:latest",
     "namespace": "ctcd",
-    "service_account_name": "ctcd",
+    "service_account_name": "ctcd-flows",
     "image_pull_policy": "IfNotPresent",
     "cpu_request": "1",
     "cpu_limit": "2",
@@ -31,7 +32,7 @@ KUBERNETES_DEFAULTS: dict[str, Any] = {
     "memory_limit": "4Gi",
     "env": {
         "CTCD_HOME": "/var/lib/ctcd",
-        "CTCD_WARM_START": "0",
+        "CTCD_LOCAL_API": "0",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     },
 }

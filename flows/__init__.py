@@ -1,4 +1,10 @@
-"""ctcd's Prefect flows and their tasks."""
+"""ctcd's Prefect flows and their tasks.
+
+Importing a module here starts nothing. Calling a flow with no `PREFECT_API_URL` runs it against
+the local Prefect server ctcd keeps (`ctcd.local_api`): the call starts that server the first
+time (or reuses the running one) and waits until it answers. `ctcd demo` starts it before it
+imports the flows, so its start overlaps those imports.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +32,3 @@ def ctcd_flow(**options: Any) -> Callable[[Callable[..., Any]], CtcdFlow]:
         return CtcdFlow(fn, **options)
 
     return decorate
-
-
-local_api.prepare()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -51,7 +51,12 @@ def deploy_model(
         run_id=registered.run_id,
         flow_run_id=flow_run.get_id(),
     )
-    return load_deployer(deployer).deploy_model(config, replace=True, timeout=timeout)
+    chosen = load_deployer(deployer)
+    record = chosen.deploy_model(config, replace=True, timeout=timeout)
+    differ = chosen.settings_differ(record)
+    for line in differ:
+        get_run_logger().warning("The server does not run with the deployer's setting: %s", line)
+    return record.seen(settings_differ=differ)
 
 
 def _record_gate(model_name: str, version: str, alias: str, decision: str) -> None:

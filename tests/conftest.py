@@ -16,7 +16,7 @@ import skops.io
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ctcd-tests-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["CTCD_WARM_START"] = "0"  # the harness provides the API; no ephemeral server
+os.environ["CTCD_LOCAL_API"] = "0"  # the harness provides the API; no ephemeral server
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
 os.environ["CTCD_HOME"] = str(_SESSION_DIR / "home")

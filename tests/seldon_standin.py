@@ -112,7 +112,7 @@ class Server:
 class StandInSeldonOperator:
     api: Any  # tests.kube.KubeAPI
     namespace: str
-    venv: Path
+    venv: Path | None  # None: pods count as started at once (tests of API permissions only)
     work: Path
     ingress: StandInIngress
     start_timeout: float = 90.0
@@ -203,6 +203,9 @@ class StandInSeldonOperator:
     def _run_pod(self, kube: httpx.Client, name: str, pod: dict[str, Any]) -> str:
         """What the kubelet would do with the pod: the init container, then the model
         server. Returns an error description, or "" once the new server answers."""
+        if self.venv is None:
+            self.events.append(f"{name}: serving {pod['initContainers'][0]['args'][0]} (no pod)")
+            return ""
         init = pod["initContainers"][0]
         model_uri = init["args"][0]
         env = {"PATH": "/usr/bin:/bin"}

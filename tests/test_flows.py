@@ -134,7 +134,7 @@ def test_bad_input_changes_nothing(small_csv, small_table, model_name, ctcd_home
         data_path=small_csv, model_name=model_name, model_type="linear"
     )
     before = (_versions(model_name), _aliases(model_name))
-    pid = MLflowModelDeployer().find_model_server()[0].pid
+    pid = MLflowModelDeployer().find_model_server()[0].local.pid
     for name, kwargs, error in _bad_inputs(tmp_path, small_table):
         with pytest.raises(error) as info:
             continuous_deployment_pipeline(

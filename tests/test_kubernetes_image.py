@@ -140,7 +140,7 @@ def prefect_deployed(tmp_path_factory) -> Iterator[dict[str, str]]:
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
-        CTCD_WARM_START="0",
+        CTCD_LOCAL_API="0",
     )
     port = loopback_port()
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]

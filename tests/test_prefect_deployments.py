@@ -89,7 +89,7 @@ def server(request, tmp_path_factory) -> Iterator[dict[str, str]]:
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
-        CTCD_WARM_START="0",
+        CTCD_LOCAL_API="0",
     )
     if request.param == "postgresql":
         _create_database(database)
@@ -414,11 +414,11 @@ def test_kubernetes_worker_submits_the_job(deployed, kube_api, tmp_path) -> None
     env_vars = {e["name"]: e.get("value") for e in container["env"]}
     assert job["metadata"]["namespace"] == "ctcd"
     assert container["image"] == "ctcd:latest"
-    assert spec["serviceAccountName"] == "ctcd"
+    assert spec["serviceAccountName"] == "ctcd-flows"  # deployments/kubernetes/
     assert container["resources"] == {
         "requests": {"cpu": "1", "memory": "2Gi"},
         "limits": {"cpu": "2", "memory": "4Gi"},
     }
     assert env_vars["PREFECT__FLOW_RUN_ID"] == str(run.id)
     assert env_vars["PREFECT_API_URL"] == deployed["PREFECT_API_URL"]
-    assert env_vars["CTCD_HOME"] == "/var/lib/ctcd" and env_vars["CTCD_WARM_START"] == "0"
+    assert env_vars["CTCD_HOME"] == "/var/lib/ctcd" and env_vars["CTCD_LOCAL_API"] == "0"

@@ -179,7 +179,7 @@ def test_flows_and_cli_run_through_an_authenticated_server_and_leak_nothing(
     assert alias.json()["model_version"]["version"] == "1"
 
     # The leak scan: everything the run wrote or printed, and the model server's environment.
-    server_pid = MLflowModelDeployer().get_model_server(first.service.uuid).pid
+    server_pid = MLflowModelDeployer().get_model_server(first.service.uuid).local.pid
     APILogHandler().flush()
     prefect_db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///")[1]).parent
     roots = [prefect_db, Path(os.environ["PREFECT_HOME"]), Path(remote["dir"]), ctcd_home]

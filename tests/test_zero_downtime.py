@@ -84,3 +84,46 @@ def test_rollback_under_load_fails_no_request(versions, ctcd_home, slow_loads):
     assert rolled.model_version == versions["good"].model_version
     assert set(rolled.worker_versions.values()) == {versions["good"].model_version}
     assert lp.served_version(rolled) == versions["good"].model_version
+
+
+def _metadata_settings(record, calls: int = 30) -> set[int]:
+    """The `max_batch_size` each answering worker runs with (over several calls)."""
+    import httpx
+
+    url = record.prediction_url.replace("/invocations", "/metadata")
+    return {httpx.get(url, timeout=5).json()["settings"]["max_batch_size"] for _ in range(calls)}
+
+
+def _described(uuid: str) -> dict:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ctcd.cli import app
+
+    done = CliRunner().invoke(app, ["models", "describe", uuid, "--json"])
+    assert done.exit_code == 0, done.output
+    return json.loads(done.output)
+
+
+def test_an_edited_deployer_block_is_reported_then_applied_under_load(versions, ctcd_home):
+    """Issue 20: a saved block edited after the server started (as in the Prefect UI): the
+    record says what differs and how to apply it; the next deploy applies workers and
+    settings with a rolling swap (0 failed requests); the address cannot change and says so."""
+    MLflowModelDeployer(workers=1, max_batch_size=256).save("edited", overwrite=True)
+    first = MLflowModelDeployer.load("edited")
+    record = first.deploy_model(versions["good"])
+    assert record.deployer_block == "mlflow-model-deployer/edited"
+    MLflowModelDeployer(workers=2, max_batch_size=8, port=1).save("edited", overwrite=True)
+    differ = " ".join(_described(record.uuid)["settings_differ"])
+    assert "workers: the block asks for 2, the server runs 1" in differ
+    assert "max_batch_size: the block asks for 8, the server runs with 256" in differ
+    assert "keeps its address" in differ
+    assert _metadata_settings(record) == {256}  # nothing changed yet
+    with Load(record.prediction_url, _example(record), clients=4) as load:
+        applied = MLflowModelDeployer.load("edited").deploy_model(versions["better"])
+    _assert_no_request_failed_or_waited(load, 20)
+    assert applied.live_workers == 2 and applied.status.value == "active"
+    assert _metadata_settings(applied) == {8}
+    differ = _described(record.uuid)["settings_differ"]
+    assert len(differ) == 1 and "keeps its address" in differ[0], differ

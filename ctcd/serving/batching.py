@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow.pyfunc import PyFuncModel, _validate_prediction_input
+from mlflow.pyfunc import PyFuncModel
 from threadpoolctl import threadpool_limits
 
+from ctcd.serving import compat
 from ctcd.serving.forest import direct_predict
 from ctcd.serving.predlog import REQUEST_ID, PredictionLog, new_request_id
 from ctcd.serving.settings import ServerSettings
@@ -88,13 +89,12 @@ class BatchingModel:
         self.enabled = (
             self.settings.max_batch_size > 1
             and self.input_schema is not None
-            and not meta._is_signature_from_type_hint()
-            and not meta._is_type_hint_from_example()
+            and not compat.signature_from_type_hints(model)
         )
         # Forests are scored tree by tree without joblib (ctcd.serving.forest); the same result.
-        estimator = getattr(model._model_impl, "sklearn_model", None)
+        estimator = compat.sklearn_estimator(model)
         direct = direct_predict(estimator) if estimator is not None else None
-        self._predict: Callable[[pd.DataFrame], Any] = direct or model._predict_fn
+        self._predict: Callable[[pd.DataFrame], Any] = direct or compat.raw_predict(model)
         self._waiting: deque[_Request] = deque()
         self._ready = threading.Condition()
         self.batches = 0  # predict calls made by the scoring thread
@@ -114,9 +114,7 @@ class BatchingModel:
             result = self.model.predict(data, params=params)
             self._record(data, result)
             return result
-        frame, _ = _validate_prediction_input(
-            data, params, self.input_schema, self.params_schema, self.model.loader_module
-        )
+        frame = compat.validate_input(self.model, data, params)
         if not isinstance(frame, pd.DataFrame):
             result = self.model.predict(data, params=params)
         else:
@@ -211,7 +209,7 @@ def set_threads(model: PyFuncModel, threads: int) -> None:
     BLAS and OpenMP pools. Only the loaded copy changes, never the registered artifact."""
     if threads < 1:
         return
-    estimator = getattr(model._model_impl, "sklearn_model", None)
+    estimator = compat.sklearn_estimator(model)
     if estimator is not None and hasattr(estimator, "get_params"):
         jobs = [key for key in estimator.get_params() if key.split("__")[-1] == "n_jobs"]
         estimator.set_params(**dict.fromkeys(jobs, threads))

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 from sklearn import get_config
-from sklearn.ensemble._forest import ForestRegressor
 from sklearn.pipeline import Pipeline
 from sklearn.tree import DecisionTreeRegressor
+
+from ctcd.serving.compat import ForestRegressor, forest_input, pipeline_transforms
 
 
 def direct_predict(estimator: Any) -> Callable[[Any], np.ndarray] | None:
@@ -28,7 +29,7 @@ def direct_predict(estimator: Any) -> Callable[[Any], np.ndarray] | None:
     if get_config().get("enable_metadata_routing"):
         return None
     if isinstance(estimator, Pipeline):
-        transforms = [step for _, _, step in estimator._iter(with_final=False)]
+        transforms = pipeline_transforms(estimator)
         forest = estimator.steps[-1][1]
     else:
         transforms, forest = [], estimator
@@ -41,7 +42,7 @@ def direct_predict(estimator: Any) -> Callable[[Any], np.ndarray] | None:
     def predict(data: Any) -> np.ndarray:
         for transform in transforms:
             data = transform.transform(data)
-        x = forest._validate_X_predict(data)
+        x = forest_input(forest, data)
         y = np.zeros(x.shape[0], dtype=np.float64)
         for tree in trees:
             y += tree.predict(x, check_input=False)

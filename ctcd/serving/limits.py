@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import traceback
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-logger = logging.getLogger("ctcd.serving")
+from ctcd.serving.compat import raised_while_parsing
 
-# MLflow's scoring-server function that decodes a JSON body into model input. Exceptions
-# from below it are the body's fault (too deeply nested, integers of over 4,300 digits,
-# unhashable column names); MLflow turns most such errors into 400s but lets these escape.
-_PARSING = ("mlflow.pyfunc.scoring_server", "_parse_json_data")
+logger = logging.getLogger("ctcd.serving")
 
 
 class _TooLarge(Exception):
@@ -33,14 +29,6 @@ def _unwrap(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-def _raised_while_parsing(exc: BaseException) -> bool:
-    """Whether `exc` came from inside MLflow's decoding of the request body."""
-    return any(
-        (frame.f_globals.get("__name__"), frame.f_code.co_name) == _PARSING
-        for frame, _ in traceback.walk_tb(exc.__traceback__)
-    )
 
 
 async def _answer(send: Send, status: int, error_code: str, message: str) -> None:
@@ -116,7 +104,8 @@ class RequestGuard:
             cause = _unwrap(exc)
             if not isinstance(cause, RecursionError | ValueError | TypeError):
                 raise
-            if not _raised_while_parsing(cause):
+            # too deeply nested, integers of over 4,300 digits, unhashable column names, ...
+            if not raised_while_parsing(cause):
                 raise
             logger.warning("answered 400 to an unparsable request body: %r", cause)
             detail = "it is nested too deeply" if isinstance(cause, RecursionError) else repr(cause)
