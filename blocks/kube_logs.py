@@ -44,6 +44,8 @@ async def _pod_log(
             name, session.namespace, container=container, tail_lines=tail
         )
     except ApiException as err:
+        if err.status in (401, 403):
+            raise  # a permission to grant, not a pod without a log
         phase = pod.status.phase if pod.status else "unknown"
         return [f"Pod {name} ({phase}) has no readable log: HTTP {err.status} {err.reason}"]
     return [f"[{name}] {line}" if prefix else line for line in str(text).splitlines()]
