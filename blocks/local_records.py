@@ -8,18 +8,47 @@ whenever a record is read, never stored.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 from blocks import local_process as lp
+from blocks.deployer import DeploymentConfig
 from blocks.service import ServiceRecord, ServiceState
 from ctcd.files import write_json
 from ctcd.serving import desired as ds
 from ctcd.serving.predlog import read_stats
 
 RECORD = "service.json"
+KEEP_MODEL_COPIES = 3
 # Fields of the desired state that a deploy writes before the record (it may be killed between).
 _DESIRED_FIELDS = ("model_version", "model_uri", "run_id", "flow_run_id")
+
+
+def stage(runtime: Path, config: DeploymentConfig) -> Path:
+    """Copy the version into the runtime folder (`models/<version>`), whole or not at all."""
+    import mlflow
+
+    from ctcd.settings import tracking_uri
+
+    dest = runtime / "models" / config.model_version
+    if not (dest / "MLmodel").exists():
+        mlflow.set_tracking_uri(tracking_uri())
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            path = mlflow.artifacts.download_artifacts(config.model_uri, dst_path=tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            Path(path).rename(dest)
+    return dest
+
+
+def prune(runtime: Path, keep: set[str]) -> None:
+    """Keep the newest model copies (and `keep`), delete the older ones."""
+    copies = sorted((runtime / "models").iterdir(), key=lambda p: p.stat().st_mtime)
+    for path in copies[:-KEEP_MODEL_COPIES]:
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_records(root: Path) -> list[ServiceRecord]:

@@ -1,5 +1,8 @@
 """Loading a deployer and finding the server that serves a model: the deployers' own business,
 so flows, the CLI and the app use it from here (`deployments.lookup` re-exports it for users).
+
+Every deployer type is registered (so `Block.load("slug/name")` finds it) by `blocks/__init__.py`,
+which Python runs before this module.
 """
 
 from __future__ import annotations
@@ -7,23 +10,14 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 
 from blocks.deployer import BaseModelDeployer
-from blocks.kserve_deployer import KServeModelDeployer
 from blocks.mlflow_deployer import MLflowModelDeployer
-from blocks.seldon_deployer import SeldonModelDeployer
 from blocks.service import ServiceRecord
 from ctcd.exceptions import DeployerNotFoundError, ServiceNotFoundError
-
-# Importing the deployer classes registers them, so `Block.load("slug/name")` finds them.
-DEPLOYERS: tuple[type[BaseModelDeployer], ...] = (
-    MLflowModelDeployer,
-    SeldonModelDeployer,
-    KServeModelDeployer,
-)
 
 
 def load_deployer(name: str | None = None) -> BaseModelDeployer:
     """The saved deployer block `name` ("block-type-slug/name", e.g.
-    `seldon-model-deployer/prod`, or a plain MLflow deployer name); None gives the local
+    `seldon-model-deployer/prod`, `kserve-model-deployer/prod`, or a plain MLflow deployer name); None gives the local
     MLflow deployer with defaults."""
     if name is None:
         return MLflowModelDeployer()

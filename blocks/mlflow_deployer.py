@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
-import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -25,8 +24,6 @@ from ctcd.seams import pause_point
 from ctcd.serving import desired as ds
 from ctcd.serving.settings import ServerKnobs, ServerSettings
 from ctcd.settings import ctcd_home
-
-KEEP_MODEL_COPIES = 3
 
 
 class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
@@ -112,22 +109,6 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
             )
         return found
 
-    def _stage(self, runtime: Path, config: DeploymentConfig) -> Path:
-        """Copy the version into the runtime folder (`models/<version>`)."""
-        import mlflow
-
-        from ctcd.settings import tracking_uri
-
-        dest = runtime / "models" / config.model_version
-        if not (dest / "MLmodel").exists():
-            mlflow.set_tracking_uri(tracking_uri())
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-                path = mlflow.artifacts.download_artifacts(config.model_uri, dst_path=tmp)
-                shutil.rmtree(dest, ignore_errors=True)
-                Path(path).rename(dest)
-        return dest
-
     def _desire(self, runtime: Path, config: DeploymentConfig, record: ServiceRecord) -> int:
         """Write the desired state (durably, before anything else changes): the version, and
         the record's workers and settings; its generation."""
@@ -165,7 +146,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         runtime = self._root() / str(uuidlib.uuid4())
         runtime.mkdir()
         try:
-            model = self._stage(runtime, config)
+            model = store.stage(runtime, config)
         except Exception:
             shutil.rmtree(runtime, ignore_errors=True)
             raise
@@ -217,7 +198,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         server converging on the desired state by itself."""
         timeout = timeout or self.deploy_timeout
         runtime = record.local.runtime_dir
-        self._stage(runtime, config)
+        store.stage(runtime, config)
         asked = self._asked(record, config, keep_settings)
         generation = self._desire(runtime, config, asked)
         pause_point("desired-written", runtime)
@@ -237,7 +218,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
             store.write(record if reverted else updated, last_error=str(err))
             raise
         stable = ds.read_stable(runtime) or {}
-        self._prune(runtime, keep={config.model_version, str(stable.get("model_version"))})
+        store.prune(runtime, keep={config.model_version, str(stable.get("model_version"))})
         return store.write(updated, last_error=None)
 
     def _asked(
@@ -263,12 +244,6 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         written = ds.revert_to_stable(runtime, record.workers, generation, version, reason)
         lp.wake(record)
         return written is not None
-
-    def _prune(self, runtime: Path, keep: set[str]) -> None:
-        copies = sorted((runtime / "models").iterdir(), key=lambda p: p.stat().st_mtime)
-        for path in copies[:-KEEP_MODEL_COPIES]:
-            if path.name not in keep:
-                shutil.rmtree(path, ignore_errors=True)
 
     def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
         """Start a stopped or dead server with its desired state; a running one that has not

@@ -1,4 +1,7 @@
-"""Every error ctcd raises on purpose. Each says what was wrong and what to do."""
+"""Every error ctcd raises on purpose, in one module. Each says what was wrong and what to do.
+
+(Pydantic validators raise `ValueError`, as pydantic requires; it reports them as a
+`ValidationError` naming the field.)"""
 
 from __future__ import annotations
 
@@ -126,6 +129,14 @@ class LocalApiError(CtcdError, RuntimeError):
             "PREFECT_API_URL at a server you run, or set CTCD_LOCAL_API=0 to let Prefect start "
             "a temporary one per process."
         )
+
+
+class DeployError(CtcdError, RuntimeError):
+    """`make deploy` could not apply prefect.yaml (nothing was applied when it says so)."""
+
+
+class PredictionError(CtcdError):
+    """A request the server did not answer with predictions; the message says why."""
 
 
 class ModelConfigError(CtcdError, ValueError):
