@@ -97,6 +97,13 @@ class StandInKServeController:
         base = {"isvc": ISVCS, "deploy": DEPLOYMENTS, "svc": SERVICES}[kind]
         return base.format(ns=self.namespace) + (f"/{name}" if name else "")
 
+    def note(self, event: str) -> None:
+        """Keep what happened (in `events` and `work/events.log`, for a failing test's
+        post-mortem)."""
+        self.events.append(event)
+        with open(self.work / "events.log", "a") as log:
+            log.write(f"{time.strftime('%H:%M:%S')} {event}\n")
+
     def _loop(self) -> None:
         with self.api.client() as kube:
             while not self._stop.is_set():
@@ -104,7 +111,7 @@ class StandInKServeController:
                     if not self.paused:
                         self._pass(kube)
                 except Exception as err:  # keep watching; the test sees the effect
-                    self.events.append(f"error: {type(err).__name__}: {err}")
+                    self.note(f"error: {type(err).__name__}: {err}")
                 self._stop.wait(0.2)
 
     def _pass(self, kube: httpx.Client) -> None:
@@ -137,7 +144,7 @@ class StandInKServeController:
             f for f in isvc["metadata"].get("finalizers", []) if f != FINALIZER
         ]
         kube.put(self.url("isvc", name), json=isvc)
-        self.events.append(f"{name}: finalized")
+        self.note(f"{name}: finalized")
 
     def _remove_workloads(self, kube: httpx.Client, name: str) -> None:
         self._end(name)
@@ -152,7 +159,7 @@ class StandInKServeController:
             or name in self.pods
         ):
             self._remove_workloads(kube, name)
-            self.events.append(f"{name}: stopped")
+            self.note(f"{name}: stopped")
         stopped = {"status": "False", "reason": "Stopped"}
         conditions = {
             "PredictorReady": stopped, "IngressReady": stopped, "Ready": stopped,
@@ -212,9 +219,12 @@ class StandInKServeController:
         if old is not None and old.template == pod.fingerprint(deployment["spec"]["template"]):
             error = ""  # the previous ReplicaSet scaled back: its pods already serve
         else:
-            error = self._run_pod(kube, name, deployment["spec"]["template"])
+            try:
+                error = self._run_pod(kube, name, deployment["spec"]["template"])
+            except Exception as err:  # a pod that cannot run fails its rollout, as in a cluster
+                error = f"pod did not start: {type(err).__name__}: {err}"
         if error:
-            self.events.append(f"{name}: FailedToLoad: {error[:200]}")
+            self.note(f"{name}: FailedToLoad: {error[:200]}")
             self._write_status(kube, isvc, deployment, failure=error)
             return
         deployment = self._deployment_status(kube, deployment, progressing=False, serving=replicas)
@@ -240,7 +250,7 @@ class StandInKServeController:
         self.ingress.routes[(self.namespace, name)] = started.port
         if old:
             stop_group(old.proc, 10)
-        self.events.append(f"{name}: serving {init['args'][0]}")
+        self.note(f"{name}: serving {init['args'][0]}")
         return ""
 
     def _env_value(self, kube: httpx.Client, item: dict[str, Any]) -> str:
