@@ -76,6 +76,9 @@ class StandInKServeController:
     ingress: pod.StandInIngress
     pods: dict[str, pod.Pod] = field(default_factory=dict)
     rolled: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # The rollout whose pod failed, and why: every later reconcile reports it again, as
+    # KServe reads it from the crash-looping pod each time (until the Deployment changes).
+    failed: dict[str, tuple[tuple[str, int], str]] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     paused: bool = False  # True: the controller is down (nothing is reconciled)
     hold_rollouts: bool = False  # True: no pod starts and no rollout is observed
@@ -149,6 +152,7 @@ class StandInKServeController:
     def _remove_workloads(self, kube: httpx.Client, name: str) -> None:
         self._end(name)
         self.rolled.pop(name, None)
+        self.failed.pop(name, None)
         kube.delete(self.url("deploy", f"{name}-predictor"))
         kube.delete(self.url("svc", f"{name}-predictor"))
 
@@ -225,7 +229,8 @@ class StandInKServeController:
                 error = f"pod did not start: {type(err).__name__}: {err}"
         if error:
             self.note(f"{name}: FailedToLoad: {error[:200]}")
-            self._write_status(kube, isvc, deployment, failure=error)
+            self.failed[name] = (key, error)
+            self._write_status(kube, isvc, deployment)
             return
         deployment = self._deployment_status(kube, deployment, progressing=False, serving=replicas)
         self._write_status(kube, isvc, deployment)
@@ -280,13 +285,12 @@ class StandInKServeController:
         return dict(patched.json())
 
     def _write_status(
-        self,
-        kube: httpx.Client,
-        isvc: dict[str, Any],
-        deployment: dict[str, Any],
-        failure: str = "",
+        self, kube: httpx.Client, isvc: dict[str, Any], deployment: dict[str, Any]
     ) -> None:
         name = isvc["metadata"]["name"]
+        key = (deployment["metadata"]["uid"], deployment["metadata"]["generation"])
+        failed_key, error = self.failed.get(name, ((), ""))
+        failure = error if failed_key == key else ""
         status = pod.raw_status(deployment, self.ingress.url, self.namespace, name, failure)
         self._put_status(kube, isvc, status)
 
