@@ -17,6 +17,7 @@ from blocks.kserve_kube import MISSING, KServeFailed, Session, check_kept, sessi
 from blocks.kube_logs import follow, pod_logs
 from blocks.object_store import ObjectStoreCredentials
 from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
+from blocks.ui import logo, optional_nested
 from ctcd.exceptions import ModelServerError
 
 T = TypeVar("T")
@@ -47,12 +48,13 @@ class KServeModelDeployer(BaseModelDeployer):
 
     _block_type_name = "KServe Model Deployer"
     _block_type_slug = "kserve-model-deployer"
+    _logo_url = logo("kubernetes")
     _description = "Serves registered MLflow model versions on Kubernetes with KServe (V2)."
     _documentation_url = HttpUrl("https://kserve.github.io/website/")
 
-    cluster_config: KubernetesClusterConfig | None = Field(
-        default=None,
-        description="The cluster (a prefect-kubernetes block); none: in-cluster config, "
+    cluster_config: KubernetesClusterConfig | None = optional_nested(
+        "Cluster Config",
+        "The cluster (a prefect-kubernetes block); none: in-cluster config, "
         "else KUBECONFIG or ~/.kube/config.",
     )
     namespace: str = Field(default="default", description="Namespace for the model servers.")
@@ -66,9 +68,9 @@ class KServeModelDeployer(BaseModelDeployer):
     cpu_limit: str | None = Field(default=None, description="CPU limit, e.g. `1`.")
     memory_request: str | None = Field(default=None, description="Memory request, e.g. `1Gi`.")
     memory_limit: str | None = Field(default=None, description="Memory limit, e.g. `2Gi`.")
-    object_store: ObjectStoreCredentials | None = Field(
-        default=None,
-        description="Keys for the bucket holding the models, written only to the Secret "
+    object_store: ObjectStoreCredentials | None = optional_nested(
+        "Object Store",
+        "Keys for the bucket holding the models, written only to the Secret "
         "`secret_name` (none: the pods' own identity, e.g. IRSA, reads the bucket).",
     )
     service_account: str = Field(
