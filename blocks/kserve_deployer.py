@@ -13,12 +13,12 @@ from pydantic import Field, HttpUrl, field_validator
 from blocks import cluster, kube
 from blocks import kserve_manifest as km
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
-from blocks.kserve_kube import MISSING, KServeFailed, Session, check_kept, session
+from blocks.kserve_kube import MISSING, Session, check_kept, session
 from blocks.kube_logs import follow, pod_logs
 from blocks.object_store import ObjectStoreCredentials
 from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
 from blocks.ui import logo, optional_nested
-from ctcd.exceptions import ModelServerError
+from ctcd.exceptions import KServeFailed, ModelServerError
 
 T = TypeVar("T")
 

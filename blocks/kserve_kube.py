@@ -16,17 +16,13 @@ from prefect_kubernetes.credentials import KubernetesClusterConfig
 
 from blocks import kserve_manifest as km
 from blocks import kube
-from ctcd.exceptions import ModelConfigError
+from ctcd.exceptions import KServeFailed, ModelConfigError
 
 KSERVE = kube.Resource(km.GROUP, km.VERSION, km.PLURAL, km.KIND)
 WAIT_HINT = "Check the predictor pods (`kubectl describe pods -l {label}={name}`) or raise the "
 WAIT_HINT += "deployer's `deploy_timeout`."
 
 MISSING = "Is KServe (its InferenceService CRD) installed, and the namespace there?"
-
-
-class KServeFailed(kube.RolloutFailed):
-    """KServe reported that the predictor cannot serve the asked model."""
 
 
 def check_kept(sent: dict[str, Any], kept: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect_kubernetes.credentials import KubernetesClusterConfig
 
-from ctcd.exceptions import ModelServerError
+from ctcd.exceptions import ModelServerError, RolloutFailed
 
 CONFLICT_RETRIES = 10
 POLL_SECONDS = 0.5
@@ -36,10 +36,6 @@ S = TypeVar("S", bound="Session")
 # (ready, what was seen, why it failed or None): a deployer's reading of its resource and the
 # Deployments its controller owns.
 Judge = Callable[[dict[str, Any], list[dict[str, Any]]], tuple[bool, str, str | None]]
-
-
-class RolloutFailed(ModelServerError):
-    """The controller reported that the asked spec cannot serve."""
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from blocks import seldon_manifest as sm
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.kube_logs import follow, pod_logs
 from blocks.object_store import ObjectStoreCredentials
-from blocks.seldon_kube import SeldonFailed, Session, session
+from blocks.seldon_kube import Session, session
 from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
 from blocks.ui import logo, optional_nested
-from ctcd.exceptions import ModelServerError
+from ctcd.exceptions import ModelServerError, SeldonFailed
 
 T = TypeVar("T")
 

@@ -13,12 +13,9 @@ from prefect_kubernetes.credentials import KubernetesClusterConfig
 
 from blocks import kube
 from blocks.seldon_manifest import GROUP, OWNER_LABEL, PLURAL, SELECTOR, VERSION, readiness
+from ctcd.exceptions import SeldonFailed
 
 SELDON = kube.Resource(GROUP, VERSION, PLURAL, "SeldonDeployment")
-
-
-class SeldonFailed(kube.RolloutFailed):
-    """The operator reported `Failed` for the resource."""
 
 
 class Session(kube.Session):
