@@ -3,87 +3,249 @@ back atomically, and observed on every read (the process, its workers, the desir
 
 The record stores what was asked; what is observed (status and why, live workers and the
 version each serves, the prediction log's counts) is computed from the processes and files
-whenever a record is read, never stored.
+whenever a record is read, never stored. Where the stored record and the server's own files
+disagree (a deploy killed after it wrote the desired state, a version the server served that
+the record lacks, an unreadable state file), the observed record follows the server and
+`state_differs` says what differs and what repairs it; the next write of the record (a
+deploy, `start`, `stop`) stores what was observed. A folder whose `service.json` cannot be
+read is listed all the same, its record recovered from the folder (`blocks.local_recovery`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from blocks import local_process as lp
+from blocks.local_recovery import RECORD, recover
 from blocks.service import ServiceRecord, ServiceState
-from ctcd.files import write_json
+from ctcd.exceptions import StateFileError
+from ctcd.files import is_locked, read_model, write_json
 from ctcd.serving import desired as ds
-from ctcd.serving.predlog import read_stats
+from ctcd.serving.logstats import read_health
 
-RECORD = "service.json"
-# Fields of the desired state that a deploy writes before the record (it may be killed between).
-_DESIRED_FIELDS = ("model_version", "model_uri", "run_id", "flow_run_id")
+NEW_PREFIX = ".new-"  # a runtime folder being created (renamed once its record is in it)
+
+
+def deploy_lock(root: Path, pipeline: str, step: str, model: str) -> Path:
+    """The `flock` file deploys of one (pipeline, step, model) serialize on."""
+    ident = f"{pipeline}\0{step}\0{model}"
+    return root / f".lock-{hashlib.sha1(ident.encode()).hexdigest()[:16]}"
 
 
 def read_records(root: Path) -> list[ServiceRecord]:
     """Every server under `root`, observed now."""
     records = []
-    for path in root.glob(f"*/{RECORD}"):
+    for folder in sorted(root.iterdir()):
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
         try:
-            records.append(observe(ServiceRecord.model_validate_json(path.read_text())))
-        except (OSError, ValueError):
-            continue  # a folder being deleted or written right now
+            record = read_record(folder)
+            if record is not None:
+                records.append(observe(record))
+        except FileNotFoundError:
+            continue  # a folder being deleted right now
     return records
 
 
+def read_record(folder: Path) -> ServiceRecord | None:
+    """The stored record of the server in `folder`; recovered from the folder when
+    `service.json` is unreadable (or missing beside a desired state); None for a folder that
+    holds no server."""
+    fix = (
+        "ctcd rebuilt the record from the server's desired state and process; "
+        f"`ctcd models start {folder.name[:8]}` (or the next deploy) writes it again"
+    )
+    try:
+        record = read_model(folder / RECORD, ServiceRecord, fix)
+    except StateFileError as err:
+        return recover(folder, str(err))
+    if record is None and (folder / ds.CURRENT).exists():
+        return recover(folder, f"{folder / RECORD} is missing. {fix}")
+    return record
+
+
 def write(record: ServiceRecord, **changes: object) -> ServiceRecord:
-    """Store the record with `changes` (and a new `updated_at`); return it observed."""
+    """Store the record with `changes` (and a new `updated_at`; its history is what the
+    server served when its master keeps one); return it observed."""
+    stable = ds.stable_or_none(record.local.runtime_dir)
+    if stable is not None and stable.history and "history" not in changes:
+        changes["history"] = stable.history
     record = record.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
     write_json(record.local.runtime_dir / RECORD, record.stored())
+    return observe(record.seen(state_differs=[]))
+
+
+def create(record: ServiceRecord) -> ServiceRecord:
+    """Make the runtime folder of a new server with its record already in it (so no folder
+    without a record is ever seen); return the record observed."""
+    runtime = record.local.runtime_dir
+    building = runtime.with_name(NEW_PREFIX + runtime.name)
+    building.mkdir()
+    write_json(building / RECORD, record.stored())
+    building.rename(runtime)
     return observe(record)
 
 
-def observe(record: ServiceRecord) -> ServiceRecord:
-    """The record as it is now: model fields from the desired state (written first by a
-    deploy), status, live workers and their versions from the processes themselves."""
-    runtime = record.local.runtime_dir
-    want = ds.read_desired(runtime) or {}
-    update: dict[str, object] = {
-        key: want[key] for key in _DESIRED_FIELDS if want.get(key) is not None
-    }
-    rejected = want.get("rejected")
-    if rejected and record.last_error is None:
-        update["last_error"] = (
-            f"version {rejected['model_version']} was not swapped in: {rejected['reason']}"
+def sweep_leftovers(root: Path, new_after: float = 60.0, bare_after: float = 3600.0) -> None:
+    """Remove what interrupted creations left: folders still being built (`.new-*`) older
+    than `new_after` seconds, and folders with neither a record nor a desired state (left by
+    an older ctcd killed while copying a first model) older than `bare_after`."""
+    now = time.time()
+    for folder in root.iterdir():
+        if not folder.is_dir() or folder.name.startswith(".lock-"):
+            continue
+        try:
+            age = now - folder.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        building = folder.name.startswith(NEW_PREFIX) and age > new_after
+        bare = (
+            not folder.name.startswith(".")
+            and age > bare_after
+            and not any((folder / name).exists() for name in (RECORD, ds.CURRENT))
         )
-    record = record.model_copy(update=update)
+        if building or bare:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def observe(record: ServiceRecord) -> ServiceRecord:
+    """The record as it is now: model fields, workers and history from the server's own
+    files (the desired state, written first by a deploy; the versions the master converged
+    on), status, live workers and their versions from the processes themselves."""
+    runtime = record.local.runtime_dir
+    differs = list(record.observed.state_differs)
+    try:
+        want = ds.read_desired(runtime)
+    except StateFileError as err:
+        want = None
+        differs.append(str(err))
+    deploying = _deploying(record)
+    if want is not None:
+        differs += [] if deploying else _stored_vs_desired(record, want)
+        record = _follow_desired(record, want)
+    stable = ds.stable_or_none(runtime)
+    if stable is not None and stable.history:
+        if not deploying and not _history_agrees(record.history, stable.history):
+            differs.append(_history_message(record, stable.history))
+        record = record.model_copy(update={"history": stable.history})
+    record = record.seen(state_differs=differs)
     if lp.process(record) is None:
-        record = record.seen(**_down(record))
+        record = record.seen(**_down(record, want, deploying))
     else:
-        seen = lp.observe_workers(record)
+        seen = lp.observe_workers(record, want)
         versions = {
             str(pid): (version or "loading") + (" (leaving)" if leaving else "")
             for pid, version, leaving in seen
         }
         record = record.seen(live_workers=len(seen), worker_versions=versions)
-        record = record.seen(**_state(record, want, seen))
+        record = record.seen(**_state(record, want or _asked(record), seen))
     if record.local.prediction_log_dir:
-        record = record.seen(prediction_log_rows=read_stats(runtime))
+        live = {int(pid) for pid in record.worker_versions}
+        health = read_health(runtime, live)
+        record = record.seen(prediction_log_rows=health.rows,
+                             prediction_log_dropped=health.dropped,
+                             prediction_log_error=health.error)  # fmt: skip
     return record
 
 
-def _down(record: ServiceRecord) -> dict[str, object]:
+def _deploying(record: ServiceRecord) -> bool:
+    """Whether a deploy of this server's pipeline, step and model holds its lock now."""
+    root = record.local.runtime_dir.parent
+    return is_locked(deploy_lock(root, record.pipeline_name, record.step_name, record.model_name))
+
+
+def _follow_desired(record: ServiceRecord, want: ds.DesiredState) -> ServiceRecord:
+    update: dict[str, object] = {
+        "model_version": want.model_version,
+        "model_uri": want.model_uri,
+        "workers": want.workers,
+    }
+    update |= {key: getattr(want, key) for key in ("run_id", "flow_run_id") if getattr(want, key)}
+    if want.rejected and record.last_error is None:
+        update["last_error"] = (
+            f"version {want.rejected.model_version} was not swapped in: {want.rejected.reason}"
+        )
+    return record.model_copy(update=update)
+
+
+def _stored_vs_desired(record: ServiceRecord, want: ds.DesiredState) -> list[str]:
+    """Where `service.json` and `current.json` disagree (a deploy killed between the two)."""
+    found = []
+    for what, stored, desired in (
+        ("version", record.model_version, want.model_version),
+        ("workers", record.workers, want.workers),
+    ):
+        if stored != desired:
+            found.append(
+                f"{what}: the record (service.json) says {stored}, the desired state "
+                f"(current.json) {desired}: a deploy stopped between writing the two; the "
+                f"server converges on {desired}; `ctcd models start {record.uuid[:8]}` (or the "
+                "next deploy) writes the record again"
+            )
+    return found
+
+
+def _history_agrees(stored: list[str], served: list[str]) -> bool:
+    """Whether the record's history has what the server served: the same, or that and the
+    version a deploy asked for (and may still be swapping in)."""
+    return stored == served or (
+        bool(stored) and stored == [*served, stored[-1]][-ds.HISTORY_LIMIT :]
+    )
+
+
+def _history_message(record: ServiceRecord, served: list[str]) -> str:
+    return (
+        f"history: the record (service.json) says {record.history}, the server served "
+        f"{served} (stable.json, written by its master): a deploy stopped before it recorded "
+        f"its version; `ctcd models start {record.uuid[:8]}` (or the next deploy) writes the "
+        "record again"
+    )
+
+
+def _asked(record: ServiceRecord) -> ds.DesiredState:
+    """The record's own version and workers as a desired state (when current.json is
+    unreadable: what the server should serve is then what its record says)."""
+    path = record.local.runtime_dir / "models" / record.model_version
+    return ds.DesiredState(
+        model_name=record.model_name, model_version=record.model_version,
+        model_uri=record.model_uri, model_path=str(path), workers=record.workers, generation=0,
+    )  # fmt: skip
+
+
+def _down(
+    record: ServiceRecord, want: ds.DesiredState | None, deploying: bool
+) -> dict[str, object]:
+    """Status and message of a server whose master is not running."""
+    short = record.uuid[:8]
     if record.desired_state == ServiceState.INACTIVE:
         return {"status": ServiceState.INACTIVE, "status_message": "stopped"}
+    if deploying:
+        message = f"a deploy is starting it (version {record.model_version})"
+        return {"status": ServiceState.PENDING, "status_message": message, "live_workers": 0}
+    if want is None and not (record.local.runtime_dir / ds.CURRENT).exists():
+        message = (
+            f"never started: its first deploy (version {record.model_version}) stopped before "
+            f"the server started (killed while copying the model?); `ctcd models start {short}` "
+            f"finishes it, `ctcd models delete {short}` removes it, and the next deploy of "
+            f"{record.model_name} by {record.pipeline_name}/{record.step_name} finishes it too"
+        )
+        return {"status": ServiceState.ERROR, "status_message": message, "live_workers": 0}
     last = lp.log_tail(record.local.log_path, 1)
     message = (
         f"server process {record.local.pid} is not running (exited or killed); "
-        f"`ctcd models start {record.uuid[:8]}` restarts it. Last log line: {last}"
+        f"`ctcd models start {short}` restarts it. Last log line: {last}"
     )
     return {"status": ServiceState.ERROR, "status_message": message, "live_workers": 0}
 
 
-def _state(record: ServiceRecord, want: dict[str, object], seen: ds.Seen) -> dict[str, object]:
+def _state(record: ServiceRecord, want: ds.DesiredState, seen: ds.Seen) -> dict[str, object]:
     """Status and message of a running server: `active` once exactly the recorded number of
     workers all serve the recorded version and it answers /health; `pending`, saying why, else."""
-    version, count = want.get("model_version"), want.get("workers", record.workers)
+    version, count = want.model_version, want.workers
     if ds.converged(seen, want):
         if lp.healthy(record):
             message = f"serving version {version} on {count} worker(s)"

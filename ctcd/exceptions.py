@@ -128,6 +128,15 @@ class LocalApiError(CtcdError, RuntimeError):
         )
 
 
+class StateFileError(CtcdError, ValueError):
+    """A state file ctcd keeps (a server's record, its desired state, ...) cannot be read or
+    does not hold what it must: names the file, what is wrong with it, and what to do."""
+
+    def __init__(self, path: object, problem: str, fix: str) -> None:
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"{path} is unreadable: {problem}. {fix}")
+
+
 class ModelConfigError(CtcdError, ValueError):
     def __init__(self, problem: str) -> None:
         super().__init__(f"{problem}")
