@@ -12,14 +12,10 @@ import httpx
 import pandas as pd
 
 from blocks.service import ServiceRecord
-from ctcd.exceptions import CtcdError, ServiceNotFoundError
+from ctcd.exceptions import CtcdError, PredictionError, ServiceNotFoundError
 from deployments.lookup import find_service
 
 CHUNK_ROWS = 10_000  # rows per request: keeps a batch well under the server's body limit
-
-
-class PredictionError(Exception):
-    """A request the server did not answer with predictions; the message says why."""
 
 
 @dataclass(frozen=True)

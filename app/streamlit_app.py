@@ -19,8 +19,9 @@ import pandas as pd
 import streamlit as st
 
 from app import model_data as md
-from app.connection import Connection, PredictionError, connect, predict
+from app.connection import Connection, connect, predict
 from blocks.service import ServiceRecord
+from ctcd.exceptions import PredictionError
 from ctcd.reference import Reference, load_reference
 from ctcd.settings import tracking_uri
 

@@ -9,31 +9,75 @@ the record lacks, an unreadable state file), the observed record follows the ser
 `state_differs` says what differs and what repairs it; the next write of the record (a
 deploy, `start`, `stop`) stores what was observed. A folder whose `service.json` cannot be
 read is listed all the same, its record recovered from the folder (`blocks.local_recovery`).
+
+Also here: the model copies in a runtime folder (`models/<version>/`), staged from the
+registry before a version is asked for and pruned after a swap.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-import time
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 from blocks import local_process as lp
-from blocks.local_recovery import RECORD, recover
+from blocks.deployer import DeploymentConfig
+from blocks.local_recovery import NEW_PREFIX, RECORD, recover
 from blocks.service import ServiceRecord, ServiceState
 from ctcd.exceptions import StateFileError
 from ctcd.files import is_locked, read_model, write_json
+from ctcd.seams import pause_point
 from ctcd.serving import desired as ds
 from ctcd.serving.logstats import read_health
 
-NEW_PREFIX = ".new-"  # a runtime folder being created (renamed once its record is in it)
+KEEP_MODEL_COPIES = 3
+STAGING = ".staging-"  # a model copy being downloaded (models/.staging-*)
 
 
 def deploy_lock(root: Path, pipeline: str, step: str, model: str) -> Path:
     """The `flock` file deploys of one (pipeline, step, model) serialize on."""
     ident = f"{pipeline}\0{step}\0{model}"
     return root / f".lock-{hashlib.sha1(ident.encode()).hexdigest()[:16]}"
+
+
+def stage(runtime: Path, config: DeploymentConfig) -> Path:
+    """Copy the version into the runtime folder (`models/<version>`): downloaded into a
+    temporary folder, then renamed into place. Copies an interrupted deploy left half done go
+    first (the caller holds the server's deploy lock, so no other copy is in progress)."""
+    import mlflow
+
+    from ctcd.settings import tracking_uri
+
+    dest = runtime / "models" / config.model_version
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in dest.parent.glob(f"{STAGING}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if not (dest / "MLmodel").exists():
+        mlflow.set_tracking_uri(tracking_uri())
+        with tempfile.TemporaryDirectory(prefix=STAGING, dir=dest.parent) as tmp:
+            path = mlflow.artifacts.download_artifacts(config.model_uri, dst_path=tmp)
+            pause_point("staging", runtime)
+            shutil.rmtree(dest, ignore_errors=True)
+            Path(path).rename(dest)
+    return dest
+
+
+def prune(runtime: Path, keep: set[str]) -> None:
+    """Keep the newest `KEEP_MODEL_COPIES` copies, and those named in `keep`."""
+    copies = [path for path in (runtime / "models").iterdir() if not path.name.startswith(".")]
+    copies.sort(key=lambda p: p.stat().st_mtime)
+    for path in copies[:-KEEP_MODEL_COPIES]:
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def config_of(record: ServiceRecord) -> DeploymentConfig:
+    """What `record` serves, as a deploy would ask for it."""
+    return DeploymentConfig.model_validate(
+        record.model_dump(include=set(DeploymentConfig.model_fields))
+    )
 
 
 def read_records(root: Path) -> list[ServiceRecord]:
@@ -88,28 +132,6 @@ def create(record: ServiceRecord) -> ServiceRecord:
     write_json(building / RECORD, record.stored())
     building.rename(runtime)
     return observe(record)
-
-
-def sweep_leftovers(root: Path, new_after: float = 60.0, bare_after: float = 3600.0) -> None:
-    """Remove what interrupted creations left: folders still being built (`.new-*`) older
-    than `new_after` seconds, and folders with neither a record nor a desired state (left by
-    an older ctcd killed while copying a first model) older than `bare_after`."""
-    now = time.time()
-    for folder in root.iterdir():
-        if not folder.is_dir() or folder.name.startswith(".lock-"):
-            continue
-        try:
-            age = now - folder.stat().st_mtime
-        except FileNotFoundError:
-            continue
-        building = folder.name.startswith(NEW_PREFIX) and age > new_after
-        bare = (
-            not folder.name.startswith(".")
-            and age > bare_after
-            and not any((folder / name).exists() for name in (RECORD, ds.CURRENT))
-        )
-        if building or bare:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def observe(record: ServiceRecord) -> ServiceRecord:

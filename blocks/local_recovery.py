@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from ctcd.serving import desired as ds
 from ctcd.serving.settings import ServerSettings
 
 RECORD = "service.json"
+NEW_PREFIX = ".new-"  # a runtime folder being created (renamed once its record is in it)
 UNKNOWN = "(unknown)"  # pipeline or step a desired state of an older ctcd does not name
 _LISTENING = re.compile(rb"Listening at: http://(\[[^\]]+\]|[^:\s]+):(\d+)")
 
@@ -66,6 +69,29 @@ def recover(folder: Path, problem: str) -> ServiceRecord | None:
         desired_state=ServiceState.ACTIVE,
     )  # fmt: skip
     return record.seen(state_differs=[problem])
+
+
+def sweep_leftovers(root: Path, new_after: float = 60.0, bare_after: float = 3600.0) -> None:
+    """Remove what interrupted creations left under the servers' folder `root`: folders still
+    being built (`.new-*`, see `local_records.create`) older than `new_after` seconds, and
+    folders with neither a record nor a desired state (left by an older ctcd killed while
+    copying a first model) older than `bare_after`."""
+    now = time.time()
+    for folder in root.iterdir():
+        if not folder.is_dir() or folder.name.startswith(".lock-"):
+            continue
+        try:
+            age = now - folder.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        building = folder.name.startswith(NEW_PREFIX) and age > new_after
+        bare = (
+            not folder.name.startswith(".")
+            and age > bare_after
+            and not any((folder / name).exists() for name in (RECORD, ds.CURRENT))
+        )
+        if building or bare:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _master(folder: Path) -> tuple[ProcessRef | None, tuple[str, int] | None]:

@@ -1,5 +1,8 @@
 """Loading a deployer and finding the server that serves a model: the deployers' own business,
 so flows, the CLI and the app use it from here (`deployments.lookup` re-exports it for users).
+
+Every deployer type is registered (so `Block.load("slug/name")` finds it) by `blocks/__init__.py`,
+which Python runs before this module.
 """
 
 from __future__ import annotations
@@ -8,12 +11,8 @@ from prefect.blocks.core import Block
 
 from blocks.deployer import BaseModelDeployer
 from blocks.mlflow_deployer import MLflowModelDeployer
-from blocks.seldon_deployer import SeldonModelDeployer
 from blocks.service import ServiceRecord
 from ctcd.exceptions import DeployerNotFoundError, ServiceNotFoundError
-
-# Importing the deployer classes registers them, so `Block.load("slug/name")` finds them.
-DEPLOYERS: tuple[type[BaseModelDeployer], ...] = (MLflowModelDeployer, SeldonModelDeployer)
 
 
 def load_deployer(name: str | None = None) -> BaseModelDeployer:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 from pydantic import Field, HttpUrl
 
-from blocks import local_models as models
 from blocks import local_process as lp
 from blocks import local_records as store
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
-from blocks.local_recovery import refuse_unowned
+from blocks.local_recovery import refuse_unowned, sweep_leftovers
 from blocks.service import LocalRuntime, ServiceRecord, ServiceState
 from ctcd import processes as procs
 from ctcd.exceptions import ModelLoadError, ModelServerError, StateFileError
@@ -144,7 +143,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
 
     def _create(self, config: DeploymentConfig, timeout: float | None) -> ServiceRecord:
         root = self._root()
-        store.sweep_leftovers(root)
+        sweep_leftovers(root)
         refuse_unowned(self._records(), config)
         record = store.create(self._new_record(config, root / str(uuidlib.uuid4())))
         return self._bring_up(record, config, timeout)
@@ -156,7 +155,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         desired state, start the server, probe it; on any failure, remove the server."""
         runtime = record.local.runtime_dir
         try:
-            model = models.stage(runtime, config)
+            model = store.stage(runtime, config)
         except Exception:
             shutil.rmtree(runtime, ignore_errors=True)
             raise
@@ -216,7 +215,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         asked = self._asked(record, config, keep_settings)
         if self._never_started(record):
             return self._bring_up(store.write(asked), config, timeout)
-        models.stage(runtime, config)
+        store.stage(runtime, config)
         generation = self._desire(runtime, config, asked)
         pause_point("desired-written", runtime)
         updated = store.write(asked, desired_state=ServiceState.ACTIVE)
@@ -235,7 +234,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
             store.write(record if reverted else updated, last_error=str(err))
             raise
         stable = ds.stable_or_none(runtime)
-        models.prune(runtime, keep={config.model_version, stable.model_version if stable else ""})
+        store.prune(runtime, keep={config.model_version, stable.model_version if stable else ""})
         return store.write(updated, last_error=None)
 
     def _asked(
@@ -269,7 +268,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         from the record; the record is stored as observed."""
         timeout = timeout or self.deploy_timeout
         if self._never_started(record):
-            return self._bring_up(record, models.config_of(record), timeout)
+            return self._bring_up(record, store.config_of(record), timeout)
         generation = self._repair_desired(record)
         if lp.process(record) is None:
             return self._launch(record, generation, timeout)
@@ -287,8 +286,8 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
             want = None
         if want is not None:
             return want.generation
-        config = models.config_of(record)
-        models.stage(runtime, config)
+        config = store.config_of(record)
+        store.stage(runtime, config)
         return self._desire(runtime, config, record)
 
     def _stop(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:

@@ -10,6 +10,7 @@ from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 
 from blocks.vault import VaultCredentials, VaultSecret
+from ctcd.exceptions import ModelConfigError
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "ctcd"}
 
@@ -76,7 +77,7 @@ class ObjectStoreCredentials(Block):
         if isinstance(value, SecretStr):
             return value
         if self.vault is None:
-            raise ValueError(
+            raise ModelConfigError(
                 f"ObjectStoreCredentials.{field} refers to Vault ({value.where()}) but the block "
                 "has no `vault` credentials to read it with. Set "
                 f"`vault=VaultCredentials.load(...)`, or give `{field}` as a SecretStr."

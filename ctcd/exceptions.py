@@ -1,4 +1,7 @@
-"""Every error ctcd raises on purpose. Each says what was wrong and what to do."""
+"""Every error ctcd raises on purpose, in one module. Each says what was wrong and what to do.
+
+(Pydantic validators raise `ValueError`, as pydantic requires; it reports them as a
+`ValidationError` naming the field.)"""
 
 from __future__ import annotations
 
@@ -135,6 +138,14 @@ class StateFileError(CtcdError, ValueError):
     def __init__(self, path: object, problem: str, fix: str) -> None:
         self.path, self.problem, self.fix = str(path), problem, fix
         super().__init__(f"{path} is unreadable: {problem}. {fix}")
+
+
+class DeployError(CtcdError, RuntimeError):
+    """`make deploy` could not apply prefect.yaml (nothing was applied when it says so)."""
+
+
+class PredictionError(CtcdError):
+    """A request the server did not answer with predictions; the message says why."""
 
 
 class ModelConfigError(CtcdError, ValueError):

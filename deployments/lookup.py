@@ -13,7 +13,7 @@ from __future__ import annotations
 from blocks.deployer import BaseModelDeployer
 from blocks.lookup import as_deployer, find_service, load_deployer
 from blocks.service import ServiceRecord
-from ctcd.exceptions import ServiceNotFoundError
+from ctcd.exceptions import ModelConfigError, ServiceNotFoundError
 from ctcd.names import DEFAULT_PIPELINE, DEFAULT_STEP
 
 __all__ = [
@@ -38,7 +38,7 @@ def find_service_for_latest_run(
     from prefect.client.schemas.sorting import FlowRunSort
 
     if (deployment is None) == (flow_name is None):
-        raise ValueError("Pass exactly one of `deployment` or `flow_name`.")
+        raise ModelConfigError("Pass exactly one of `deployment` or `flow_name`.")
     by_run = {r.flow_run_id: r for r in as_deployer(deployer).find_model_server() if r.flow_run_id}
     completed = filters.FlowRunFilter(
         state=filters.FlowRunFilterState(

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from ctcd.exceptions import DeployError
+
 ROOT = Path(__file__).resolve().parent.parent
 POOL_TYPES = {"ctcd-process": "process", "ctcd-kubernetes": "kubernetes"}
 # Defaults of the Kubernetes pool's job variables (each can be overridden per deployment). The
@@ -36,10 +38,6 @@ KUBERNETES_DEFAULTS: dict[str, Any] = {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     },
 }
-
-
-class DeployError(RuntimeError):
-    pass
 
 
 def _prefect(*args: str, env: dict[str, str]) -> None:

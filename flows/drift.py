@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from scipy.stats import ks_2samp
 
 from blocks.tracking import use_tracking
-from ctcd.exceptions import DataContractError, ModelServerError
+from ctcd.exceptions import DataContractError, ModelConfigError, ModelServerError
 from ctcd.metrics import score
 from ctcd.names import DRIFT_DETECTED, model_resource
 from ctcd.reference import Reference, load_reference
@@ -62,7 +62,7 @@ def parse_window(window: str) -> timedelta:
     """'24h', '30m', '7d', '90s' as a timedelta."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", window)
     if not match:
-        raise ValueError(
+        raise ModelConfigError(
             f"window {window!r} is not a duration: use a number and a unit, e.g. '24h', "
             "'30m', '7d' or '90s'"
         )

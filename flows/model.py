@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -124,6 +126,45 @@ def _log_reference(data: CleanData, target: str) -> None:
         mlflow.log_artifact(str(path), artifact_path="reference")
 
 
+@contextmanager
+def _served_jobs(model: Pipeline) -> Iterator[dict[str, Any]]:
+    """The model as it is saved for serving, for the block: a forest trained on every core
+    scores with one job (a worker serves one request at a time and the workers give the
+    parallelism; joblib's start-up would cost ~15 ms per single row). Yields the parameters
+    the saved model has that differ from the training ones; the caller's model is as it was
+    afterwards."""
+    estimator = model[-1]
+    jobs = estimator.get_params().get("n_jobs", 1)
+    if jobs in (None, 1):
+        yield {}
+        return
+    estimator.set_params(n_jobs=1)
+    try:
+        yield {"n_jobs": 1, "trained_n_jobs": jobs}
+    finally:
+        estimator.set_params(n_jobs=jobs)
+
+
+def _log_model(model: Pipeline, data: CleanData, model_name: str) -> Any:
+    """Log the model with skops (no arbitrary pickle code on load), its signature and input
+    example, pinned pip requirements (not inferred in a subprocess); register a version."""
+    import mlflow
+    import skops.io
+    from mlflow.models import infer_signature
+
+    example = data.x_test.dropna().head(5)
+    return mlflow.sklearn.log_model(
+        model,
+        name="model",
+        signature=infer_signature(example, model.predict(example)),
+        input_example=example,
+        pip_requirements=_pip_requirements(),
+        serialization_format="skops",
+        skops_trusted_types=skops.io.get_untrusted_types(data=skops.io.dumps(model)),
+        registered_model_name=model_name,
+    )
+
+
 @task(cache_policy=NO_CACHE)
 def register_model(
     model: Pipeline,
@@ -141,23 +182,13 @@ def register_model(
     """Log params, metrics, the data's content hash, the evaluation plots and the model;
     register a new version.
 
-    The model is saved with skops (no arbitrary pickle code on load) and its pip
-    requirements are pinned explicitly rather than inferred in a subprocess.
+    The parameters logged are the saved model's (`_served_jobs`).
     """
     import mlflow
-    import skops.io
-    from mlflow.models import infer_signature
 
-    if "n_jobs" in model[-1].get_params():
-        # Trained on every core; served one request at a time per worker (workers give the
-        # parallelism), where joblib's thread start-up would cost ~15 ms per single row.
-        model[-1].set_params(n_jobs=1)
-    example = data.x_test.dropna().head(5)
-    signature = infer_signature(example, model.predict(example))
-    trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        params = {**DEFAULTS[model_type], **(model_params or {})}
-        mlflow.log_params({"model_type": model_type, "target": target, **params})
+    params = {**DEFAULTS[model_type], **(model_params or {})}
+    with _served_jobs(model) as served, mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_params({"model_type": model_type, "target": target, **params, **served})
         mlflow.log_params({"data_rows": len(dataset.frame), "features": ",".join(data.features)})
         mlflow.log_metrics(metrics)
         mlflow.set_tags({DATA_SHA_TAG: dataset.sha256, DATA_SOURCE_TAG: dataset.source})
@@ -167,16 +198,7 @@ def register_model(
         _log_reference(data, target)
         if plots is not None:
             log_plots(plots)
-        info = mlflow.sklearn.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example,
-            pip_requirements=_pip_requirements(),
-            serialization_format="skops",
-            skops_trusted_types=trusted,
-            registered_model_name=model_name,
-        )
+        info = _log_model(model, data, model_name)
     model_version = str(info.registered_model_version)
     return RegisteredModel(
         model_name=model_name,

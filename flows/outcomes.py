@@ -25,7 +25,7 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from blocks.tracking import use_tracking
-from ctcd.exceptions import DataContractError, DataError
+from ctcd.exceptions import DataContractError, DataError, ModelConfigError
 from ctcd.metrics import HIGHER_IS_BETTER, METRICS, score
 from ctcd.names import CHAMPION, PERFORMANCE_DEGRADED, model_resource
 from flows import ctcd_flow
@@ -125,7 +125,7 @@ def record_outcomes(
             "record-outcomes/record-outcomes --param data_path=reviews.csv`."
         )
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
+        raise ModelConfigError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
     path = Path(data_path).expanduser()
     outcomes = read_table(path)
     served = served_traffic(model_name, window, deployer)

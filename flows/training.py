@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sklearn.pipeline import Pipeline
-
 from blocks.tracking import use_tracking
 from ctcd.settings import configure_mlflow, experiment_for
 from flows import ctcd_flow
@@ -27,7 +25,6 @@ from flows.results import TrainingResult
 class Trained:
     dataset: Dataset
     data: CleanData
-    model: Pipeline
     metrics: dict[str, float]
     registered: RegisteredModel
 
@@ -84,7 +81,7 @@ def train_and_register(
         tags,
         plots,
     )
-    return Trained(dataset, data, model, metrics, registered)
+    return Trained(dataset, data, metrics, registered)
 
 
 @ctcd_flow(name="training-pipeline", log_prints=True)

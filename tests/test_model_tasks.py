@@ -164,3 +164,19 @@ def test_criteria_forbid_unknown_fields_and_metrics() -> None:
         DeploymentCriteria.model_validate({"metric": "r2", "treshold": 0.1})
     with pytest.raises(ValueError, match="metric"):
         DeploymentCriteria(metric="accuracy")  # type: ignore[arg-type]
+
+
+def test_logged_params_are_the_saved_models_and_the_callers_model_is_unchanged(
+    data, model_name
+) -> None:
+    model = train_model.fn(data, "random_forest", {"n_estimators": 5})
+    assert model[-1].n_jobs == -1  # trained on every core
+    reg = register_model.fn(
+        model, data, Dataset(frame=data.x_train, source="s.csv", sha256="ab" * 32),
+        evaluate_model.fn(model, data), model_name, "random_forest", {"n_estimators": 5},
+        "review_score", configure_mlflow(model_name),
+    )  # fmt: skip
+    assert model[-1].n_jobs == -1  # the caller's model as it was
+    params = mlflow.get_run(reg.run_id).data.params
+    saved = mlflow.sklearn.load_model(reg.model_uri)[-1].get_params()
+    assert params["n_jobs"] == str(saved["n_jobs"]) == "1" and params["trained_n_jobs"] == "-1"

@@ -88,6 +88,7 @@ def remote(tmp_path_factory) -> Iterator[dict[str, str]]:
             f"{uri}/api/2.0/mlflow/users/create",
             json={"username": USER, "password": PASSWORD},
             auth=("admin", ADMIN_PASSWORD),
+            timeout=60,  # the first request pays the auth app's set-up (seconds when loaded)
         )
         created.raise_for_status()
         root = hvac.Client(url=address, token=ROOT_TOKEN)
@@ -125,7 +126,10 @@ def remote(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 def _admin(remote: dict[str, str], path: str, **params: str) -> httpx.Response:
     return httpx.get(
-        f"{remote['uri']}/api/2.0/mlflow/{path}", params=params, auth=("admin", ADMIN_PASSWORD)
+        f"{remote['uri']}/api/2.0/mlflow/{path}",
+        params=params,
+        auth=("admin", ADMIN_PASSWORD),
+        timeout=60,
     )
 
 
