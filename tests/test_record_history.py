@@ -51,7 +51,7 @@ def test_a_version_served_after_its_deploy_was_killed_is_in_the_history(versions
     runner = CliRunner()
     described = runner.invoke(app, ["models", "describe", first.uuid[:8], "--json"])
     assert described.exit_code == 0, described.output
-    shown = json.loads(described.output)
+    shown = json.loads(described.stdout)
     assert shown["history"] == [good, better] and shown["model_version"] == better
     assert any(
         "service.json" in line and "ctcd models start" in line for line in shown["state_differs"]
@@ -72,11 +72,12 @@ def test_a_version_served_after_its_deploy_was_killed_is_in_the_history(versions
 def test_a_first_deploy_killed_while_copying_its_model_is_listed_and_finished(versions, ctcd_home):
     servers = ctcd_home / "servers"
     runtime = deploy_killed_at(versions["good"], "staging", servers)
-    assert list((runtime / "models").glob(".staging-*")), "killed with a half-made copy"
+    version = versions["good"].model_version
+    assert not (runtime / "models" / version).exists(), "killed before the copy was in place"
     runner = CliRunner()
     listed = runner.invoke(app, ["models", "list", "--json"])
     assert listed.exit_code == 0, listed.output
-    [row] = json.loads(listed.output)
+    [row] = json.loads(listed.stdout)
     assert row["uuid"] == runtime.name and row["status"] == "error"
     message = row["status_message"]
     assert "never started" in message and f"ctcd models start {runtime.name[:8]}" in message
@@ -84,7 +85,6 @@ def test_a_first_deploy_killed_while_copying_its_model_is_listed_and_finished(ve
 
     record = MLflowModelDeployer().deploy_model(versions["good"])  # the next deploy finishes it
     assert record.uuid == runtime.name and record.status.value == "active"
-    assert _served(record) == versions["good"].model_version
-    assert record.history == [versions["good"].model_version]
+    assert _served(record) == version and record.history == [version]
     assert [p.name for p in servers.iterdir() if p.is_dir()] == [runtime.name]
-    assert not list((runtime / "models").glob(".staging-*"))
+    assert [p.name for p in (runtime / "models").iterdir()] == [version]  # nothing half-made
