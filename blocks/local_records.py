@@ -80,6 +80,12 @@ def config_of(record: ServiceRecord) -> DeploymentConfig:
     )
 
 
+def never_started(record: ServiceRecord) -> bool:
+    """A server whose first deploy stopped before it wrote the desired state."""
+    current = record.local.runtime_dir / ds.CURRENT
+    return not current.exists() and lp.process(record) is None
+
+
 def read_records(root: Path) -> list[ServiceRecord]:
     """Every server under `root`, observed now."""
     records = []
@@ -140,23 +146,24 @@ def observe(record: ServiceRecord) -> ServiceRecord:
     on), status, live workers and their versions from the processes themselves."""
     runtime = record.local.runtime_dir
     differs = list(record.observed.state_differs)
-    try:
-        want = ds.read_desired(runtime)
-    except StateFileError as err:
-        want = None
-        differs.append(str(err))
+    want, problem = _desired(record)
+    differs += [problem] if problem else []
     deploying = _deploying(record)
     if want is not None:
         differs += [] if deploying else _stored_vs_desired(record, want)
         record = _follow_desired(record, want)
-    stable = ds.stable_or_none(runtime)
+    try:
+        stable = ds.read_stable(runtime)
+    except StateFileError as err:
+        stable = None
+        differs.append(str(err))
     if stable is not None and stable.history:
         if not deploying and not _history_agrees(record.history, stable.history):
             differs.append(_history_message(record, stable.history))
         record = record.model_copy(update={"history": stable.history})
     record = record.seen(state_differs=differs)
     if lp.process(record) is None:
-        record = record.seen(**_down(record, want, deploying))
+        record = record.seen(**_down(record, deploying))
     else:
         seen = lp.observe_workers(record, want)
         versions = {
@@ -172,6 +179,23 @@ def observe(record: ServiceRecord) -> ServiceRecord:
                              prediction_log_dropped=health.dropped,
                              prediction_log_error=health.error)  # fmt: skip
     return record
+
+
+def _desired(record: ServiceRecord) -> tuple[ds.DesiredState | None, str | None]:
+    """The desired state, and what is wrong with it when it is unreadable (or missing while
+    the server runs: its master then holds the workers as they are)."""
+    runtime = record.local.runtime_dir
+    try:
+        want = ds.read_desired(runtime)
+    except StateFileError as err:
+        return None, str(err)
+    if want is None and lp.process(record) is not None:
+        short = record.uuid[:8]
+        return None, (
+            f"{runtime / ds.CURRENT} is missing while the server runs: its workers keep "
+            f"serving; `ctcd models start {short}` (or the next deploy) writes it again"
+        )
+    return want, None
 
 
 def _deploying(record: ServiceRecord) -> bool:
@@ -238,9 +262,7 @@ def _asked(record: ServiceRecord) -> ds.DesiredState:
     )  # fmt: skip
 
 
-def _down(
-    record: ServiceRecord, want: ds.DesiredState | None, deploying: bool
-) -> dict[str, object]:
+def _down(record: ServiceRecord, deploying: bool) -> dict[str, object]:
     """Status and message of a server whose master is not running."""
     short = record.uuid[:8]
     if record.desired_state == ServiceState.INACTIVE:
@@ -248,7 +270,7 @@ def _down(
     if deploying:
         message = f"a deploy is starting it (version {record.model_version})"
         return {"status": ServiceState.PENDING, "status_message": message, "live_workers": 0}
-    if want is None and not (record.local.runtime_dir / ds.CURRENT).exists():
+    if never_started(record):
         message = (
             f"never started: its first deploy (version {record.model_version}) stopped before "
             f"the server started (killed while copying the model?); `ctcd models start {short}` "

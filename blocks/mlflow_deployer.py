@@ -174,11 +174,6 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
             )  # fmt: skip
         return record
 
-    def _never_started(self, record: ServiceRecord) -> bool:
-        """A server whose first deploy stopped before it wrote the desired state."""
-        current = record.local.runtime_dir / ds.CURRENT
-        return not current.exists() and lp.process(record) is None
-
     def _launch(self, record: ServiceRecord, generation: int, timeout: float) -> ServiceRecord:
         lp.sweep_orphans(record, self.stop_timeout)
         local = record.local
@@ -213,7 +208,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         timeout = timeout or self.deploy_timeout
         runtime = record.local.runtime_dir
         asked = self._asked(record, config, keep_settings)
-        if self._never_started(record):
+        if store.never_started(record):
             return self._bring_up(store.write(asked), config, timeout)
         store.stage(runtime, config)
         generation = self._desire(runtime, config, asked)
@@ -263,18 +258,21 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
 
     def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
         """Start a stopped or dead server with its desired state; a running one that has not
-        converged (`pending`) is woken and waited for. First repaired: a server whose first
-        deploy stopped early is brought up; an unreadable desired state is written again
-        from the record; the record is stored as observed."""
+        converged (`pending`) is woken and waited for. First repaired (holding the deploy
+        lock): a server whose first deploy stopped early is brought up; an unreadable desired
+        state is written again from the record; the record is stored as observed."""
         timeout = timeout or self.deploy_timeout
-        if self._never_started(record):
-            return self._bring_up(record, store.config_of(record), timeout)
-        generation = self._repair_desired(record)
-        if lp.process(record) is None:
-            return self._launch(record, generation, timeout)
-        lp.wake(record)
-        lp.wait_converged(record, generation, timeout)
-        return store.write(record, desired_state=ServiceState.ACTIVE)
+        config = store.config_of(record)
+        with self._lock(config):  # no deploy of this server runs meanwhile
+            record = self.get_model_server(record.uuid)
+            if store.never_started(record):
+                return self._bring_up(record, config, timeout)
+            generation = self._repair_desired(record)
+            if lp.process(record) is None:
+                return self._launch(record, generation, timeout)
+            lp.wake(record)
+            lp.wait_converged(record, generation, timeout)
+            return store.write(record, desired_state=ServiceState.ACTIVE)
 
     def _repair_desired(self, record: ServiceRecord) -> int:
         """The desired state's generation; when `current.json` is unreadable, rewritten first

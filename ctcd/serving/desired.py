@@ -99,14 +99,18 @@ class StableState(ServedModel):
 
 
 def _fix(runtime: Path, name: str) -> str:
-    short = runtime.name[:8]
     if name == CURRENT:
+        short = runtime.name[:8]
         return (
             "The server keeps serving what its workers serve (the version stable.json names); "
             f"`ctcd models start {short}` (or the next deploy) rewrites it from the server's "
             "record (service.json)"
         )
-    return f"The next version the server converges on rewrites it; `ctcd models start {short}`"
+    return (
+        "The server's master writes it again once its workers next all serve the desired "
+        "version (the history in its record, service.json, stands meanwhile); until then a "
+        "worker whose new version fails to load has no version to fall back on"
+    )
 
 
 def read_desired(runtime: Path) -> DesiredState | None:
@@ -198,16 +202,22 @@ def served(said: dict[str, Any], want: DesiredState | None) -> str:
 
 def write_stable(runtime: Path, want: DesiredState) -> None:
     """Record that every worker serves `want` now: the model, its generation, and the version
-    appended to the history unless it was the last one served."""
-    before = stable_or_none(runtime)
-    history = list(before.history or []) if before else []
-    if not history or history[-1] != want.model_version:
-        history.append(want.model_version)
+    appended to the history unless it was the last one served. A history that is unknown (an
+    unreadable `stable.json`, or one an older ctcd wrote) stays unknown: the record's holds."""
+    history: list[str] | None = []
+    try:
+        before = read_stable(runtime)
+    except StateFileError:
+        before, history = None, None
+    if before is not None:
+        history = None if before.history is None else list(before.history)
+    if history is not None and (not history or history[-1] != want.model_version):
+        history = [*history, want.model_version][-HISTORY_LIMIT:]
     data = want.served().model_dump(mode="json") | {
         "generation": want.generation,
         "settings": want.settings,
         "settings_id": want.settings_id,
-        "history": history[-HISTORY_LIMIT:],
+        "history": history,
     }
     if before is None or before.model_dump(mode="json") != data:
         write_json(runtime / STABLE, data, durable=True)
