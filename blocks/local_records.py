@@ -279,8 +279,9 @@ def _down(record: ServiceRecord, deploying: bool) -> dict[str, object]:
         )
         return {"status": ServiceState.ERROR, "status_message": message, "live_workers": 0}
     last = lp.log_tail(record.local.log_path, 1)
+    which = f"server process {record.local.pid}" if record.local.pid else "the server"
     message = (
-        f"server process {record.local.pid} is not running (exited or killed); "
+        f"{which} is not running (exited or killed); "
         f"`ctcd models start {short}` restarts it. Last log line: {last}"
     )
     return {"status": ServiceState.ERROR, "status_message": message, "live_workers": 0}

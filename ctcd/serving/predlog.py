@@ -227,7 +227,8 @@ class PredictionLog:
 
     def _resumed(self) -> None:
         if self.error is not None:
-            logstats.say(f"writing again (it failed since {self.error_since}: {self.error})")
+            since = time.strftime("%H:%M:%S UTC", time.gmtime(self.error_since or 0))
+            logstats.say(f"writing again (it failed since {since}: {self.error})")
         self.error = self.error_since = None
 
     def _write_stats(self) -> None:
