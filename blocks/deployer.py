@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
@@ -28,7 +28,7 @@ class DeploymentConfig(BaseModel):
     flow_run_id: str | None = None
 
 
-class BaseModelDeployer(Block):
+class BaseModelDeployer(Block, ABC):
     """Deploys registered model versions to model servers and manages their lifecycle.
 
     Semantics every backend keeps:

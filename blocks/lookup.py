@@ -12,7 +12,8 @@ from prefect.blocks.core import Block
 from blocks.deployer import BaseModelDeployer
 from blocks.mlflow_deployer import MLflowModelDeployer
 from blocks.service import ServiceRecord
-from ctcd.exceptions import DeployerNotFoundError, ServiceNotFoundError
+from blocks.ui import invalid_saved_block
+from ctcd.exceptions import DeployerNotFoundError, ModelConfigError, ServiceNotFoundError
 
 
 def load_deployer(name: str | None = None) -> BaseModelDeployer:
@@ -23,6 +24,10 @@ def load_deployer(name: str | None = None) -> BaseModelDeployer:
         return MLflowModelDeployer()
     try:
         block = Block.load(name) if "/" in name else MLflowModelDeployer.load(name)
+    except RuntimeError as err:
+        if (why := invalid_saved_block(err, "deployer block", name)) is None:
+            raise
+        raise ModelConfigError(why) from err
     except ValueError as err:
         raise DeployerNotFoundError(name) from err
     if not isinstance(block, BaseModelDeployer):

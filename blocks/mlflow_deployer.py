@@ -16,6 +16,7 @@ from blocks import local_records as store
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.local_recovery import refuse_unowned, sweep_leftovers
 from blocks.service import LocalRuntime, ServiceRecord, ServiceState
+from blocks.ui import logo
 from ctcd import processes as procs
 from ctcd.exceptions import ModelLoadError, ModelServerError, StateFileError
 from ctcd.files import locked
@@ -47,6 +48,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
 
     _block_type_name = "MLflow Model Deployer"
     _block_type_slug = "mlflow-model-deployer"
+    _logo_url = logo("process")
     _description = "Serves registered MLflow model versions from local gunicorn processes."
     # The scoring protocol these servers speak (ctcd's own docs live in its README).
     _documentation_url = HttpUrl("https://mlflow.org/docs/latest/deployment/deploy-model-locally/")

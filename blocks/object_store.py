@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect.blocks.core import Block
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, model_validator
 
+from blocks.ui import logo, optional_nested, refuse_masked
 from blocks.vault import VaultCredentials, VaultSecret
 from ctcd.exceptions import ModelConfigError
 
@@ -38,8 +39,11 @@ class ObjectStoreCredentials(Block):
         ```
     """
 
+    model_config = ConfigDict(hide_input_in_errors=True)  # never echo a secret
+
     _block_type_name = "Object Store Credentials"
     _block_type_slug = "object-store-credentials"
+    _logo_url = logo("aws")
     _description = (
         "Access keys for an S3-compatible object store (AWS S3, MinIO, GCS), "
         "plain or from Vault, and the rclone Secret Seldon Core v1 reads."
@@ -54,8 +58,8 @@ class ObjectStoreCredentials(Block):
     secret_access_key: SecretStr | VaultSecret = Field(
         description="Secret access key: the value, or a Vault reference (path, key, version)."
     )
-    vault: VaultCredentials | None = Field(
-        default=None, description="Vault credentials that resolve the Vault references."
+    vault: VaultCredentials | None = optional_nested(
+        "Vault", "Vault credentials that resolve the Vault references (none: no Vault)."
     )
     endpoint_url: str | None = Field(
         default=None,
@@ -65,6 +69,11 @@ class ObjectStoreCredentials(Block):
     provider: str = Field(
         default="AWS", description="The rclone S3 provider: `AWS`, `Minio`, `GCS`, `Ceph`, ..."
     )
+
+    @model_validator(mode="after")
+    def _real_secrets(self) -> ObjectStoreCredentials:
+        refuse_masked(self)
+        return self
 
     def resolve(self) -> ObjectStoreKeys:
         """The keys, read from Vault now for the fields that are Vault references."""

@@ -18,6 +18,7 @@ from blocks.kube_errors import refused
 from blocks.object_store import ObjectStoreCredentials
 from blocks.seldon_kube import SeldonFailed, Session, session
 from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
+from blocks.ui import logo, optional_nested
 from ctcd.exceptions import ModelServerError
 
 T = TypeVar("T")
@@ -67,12 +68,13 @@ class SeldonModelDeployer(BaseModelDeployer):
 
     _block_type_name = "Seldon Model Deployer"
     _block_type_slug = "seldon-model-deployer"
+    _logo_url = logo("kubernetes")
     _description = "Serves registered MLflow model versions on Kubernetes with Seldon Core v1."
     _documentation_url = HttpUrl("https://docs.seldon.ai/seldon-core-1")
 
-    cluster_config: KubernetesClusterConfig | None = Field(
-        default=None,
-        description="The cluster (a prefect-kubernetes block); none: in-cluster config, "
+    cluster_config: KubernetesClusterConfig | None = optional_nested(
+        "Cluster Config",
+        "The cluster (a prefect-kubernetes block); none: in-cluster config, "
         "else KUBECONFIG or ~/.kube/config.",
     )
     namespace: str = Field(default="default", description="Namespace for the model servers.")
@@ -94,9 +96,9 @@ class SeldonModelDeployer(BaseModelDeployer):
     service_account: str | None = Field(
         default=None, description="Service account the predictor pods run as."
     )
-    object_store: ObjectStoreCredentials | None = Field(
-        default=None,
-        description="Keys for the bucket holding the models, written only to the Secret "
+    object_store: ObjectStoreCredentials | None = optional_nested(
+        "Object Store",
+        "Keys for the bucket holding the models, written only to the Secret "
         "`secret_name` (none: the pods' own identity, e.g. IRSA, reads the bucket).",
     )
     secret_name: str = Field(

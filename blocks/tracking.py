@@ -15,6 +15,7 @@ import requests
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, HttpUrl, SecretStr, model_validator
 
+from blocks.ui import invalid_saved_block, logo, optional_nested, refuse_masked
 from blocks.vault import VaultCredentials, VaultSecret
 from ctcd.exceptions import ModelConfigError, TrackingError
 
@@ -52,6 +53,7 @@ class MLflowTracking(Block):
 
     _block_type_name = "MLflow Tracking"
     _block_type_slug = "mlflow-tracking"
+    _logo_url = logo("webhook")
     _description = "MLflow tracking and registry URIs, experiment, and credentials (or Vault)."
     _documentation_url = HttpUrl(
         "https://mlflow.org/docs/latest/self-hosting/security/basic-http-auth/"
@@ -75,8 +77,8 @@ class MLflowTracking(Block):
     token: SecretStr | VaultSecret | None = Field(
         default=None, description="Bearer token instead of username and password."
     )
-    vault: VaultCredentials | None = Field(
-        default=None, description="Vault to resolve `VaultSecret` references with."
+    vault: VaultCredentials | None = optional_nested(
+        "Vault", "Vault to resolve `VaultSecret` references with (none: no Vault)."
     )
     verify: bool | str = Field(
         default=True, description="Verify TLS: true, false, or the path of a CA bundle."
@@ -88,6 +90,7 @@ class MLflowTracking(Block):
 
     @model_validator(mode="after")
     def _consistent(self) -> MLflowTracking:
+        refuse_masked(self)
         for uri, name in ((self.tracking_uri, "tracking_uri"), (self.registry_uri, "registry_uri")):
             if uri and urlparse(uri).password is not None:
                 raise ValueError(f"{name} holds a password: remove it and set `password`")
@@ -203,6 +206,10 @@ def use_tracking(name: str | None) -> Iterator[MLflowTracking | None]:
         block = MLflowTracking.load(name)
         if not isinstance(block, MLflowTracking):
             raise ValueError(name)
+    except RuntimeError as err:
+        if (why := invalid_saved_block(err, "MLflow tracking block", name)) is None:
+            raise
+        raise ModelConfigError(why) from err
     except ValueError as err:
         raise ModelConfigError(
             f"No MLflow tracking block named '{name}'. Save one (README, 'Credentials') or "

@@ -9,8 +9,9 @@ from typing import Any, Literal
 import hvac
 import requests
 from prefect.blocks.core import Block
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, model_validator
 
+from blocks.ui import logo, refuse_masked
 from ctcd.exceptions import VaultError
 
 K8S_JWT = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -29,8 +30,11 @@ class VaultCredentials(Block):
         ```
     """
 
+    model_config = ConfigDict(hide_input_in_errors=True)  # never echo a secret
+
     _block_type_name = "Vault Credentials"
     _block_type_slug = "vault-credentials"
+    _logo_url = logo("secret")
     _description = "Authenticates to HashiCorp Vault or OpenBao and builds hvac clients."
     _documentation_url = HttpUrl("https://python-hvac.org/en/stable/overview.html")
 
@@ -55,6 +59,11 @@ class VaultCredentials(Block):
         default=None, description="Mount of the auth method (default: its type's name)."
     )
     timeout: float = Field(default=10.0, gt=0, description="Seconds per request to Vault.")
+
+    @model_validator(mode="after")
+    def _real_secrets(self) -> VaultCredentials:
+        refuse_masked(self)
+        return self
 
     def get_client(self) -> hvac.Client:
         """An authenticated client. AppRole and Kubernetes log in anew each time, so an

@@ -24,17 +24,15 @@ Prefect behaves as it documents.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ctcd import processes as procs
+from ctcd.files import locked, read_json, write_json
 
 START_TIMEOUT = 180.0  # a first start on a loaded 2-core machine took 33 s
 
@@ -46,6 +44,7 @@ class LocalServer:
     port: int
     log: str
     prefect_home: str
+    ui_api_url: str | None = None  # what its UI was told; None in records of ctcd before it
 
     @property
     def url(self) -> str:
@@ -54,6 +53,10 @@ class LocalServer:
     @property
     def api_url(self) -> str:
         return f"{self.url}/api"
+
+    @property
+    def process(self) -> procs.ProcessRef:
+        return procs.ProcessRef(self.pid, self.started_at)
 
 
 _chosen: LocalServer | None = None
@@ -83,66 +86,47 @@ def _prefect_home() -> str:
 
 
 def _alive(server: LocalServer) -> bool:
-    import psutil
-
-    try:
-        proc = psutil.Process(server.pid)
-        return (
-            abs(proc.create_time() - server.started_at) < 0.5
-            and proc.status() != psutil.STATUS_ZOMBIE
-        )
-    except psutil.Error:
-        return False
+    return server.process.alive()
 
 
 def recorded() -> LocalServer | None:
     """The server this CTCD_HOME started, if its process still runs."""
     try:
-        data = json.loads((_folder() / "server.json").read_text())
-        server = LocalServer(**data)
-    except (OSError, ValueError, TypeError):
+        server = LocalServer(**(read_json(_folder() / "server.json") or {}))
+    except TypeError:
         return None
     return server if _alive(server) else None
 
 
-@contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    with open(_folder() / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def _spawn() -> LocalServer:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    port = procs.free_port()
     log = _folder() / "server.log"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     cmd += ["--port", str(port)]
+    # `--port` moves the API but not what the UI is told (`/ui-settings`: the configured server
+    # port, 4200 by default), so the UI would call another server or none: tell it. The UI's
+    # root opens the V1 UI, the one the run links open (and whose block Edit form keeps nested
+    # blocks: see blocks/ui.py); "Switch to V2 UI" is one click away.
+    api_url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.update(PREFECT_SERVER_UI_API_URL=api_url, PREFECT_UI_URL=f"http://127.0.0.1:{port}")
+    env.setdefault("PREFECT_SERVER_UI_V2_ENABLED", "false")
     env.pop("PREFECT_API_URL", None)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
-        )  # fmt: skip
-    import psutil
-
-    server = LocalServer(
-        proc.pid, psutil.Process(proc.pid).create_time(), port, str(log), _prefect_home()
-    )
-    tmp = _folder() / ".server.json.tmp"
-    tmp.write_text(json.dumps(asdict(server)))
-    tmp.replace(_folder() / "server.json")
+    ref = procs.spawn_detached(cmd, log, env)
+    server = LocalServer(ref.pid, ref.started_at, port, str(log), _prefect_home(), api_url)
+    write_json(_folder() / "server.json", asdict(server))
     return server
 
 
 def ensure() -> LocalServer:
     """The running server for this CTCD_HOME and PREFECT_HOME, started if there is none."""
-    with _locked():
+    with locked(_folder() / ".lock"):
         server = recorded()
-        if server is not None and server.prefect_home != _prefect_home():
-            stop(server)  # it serves another PREFECT_HOME's database
+        if server is not None and (
+            server.prefect_home != _prefect_home()  # it serves another database
+            or server.ui_api_url != server.api_url  # its UI calls another port (older ctcd)
+        ):
+            stop(server)
             server = None
         return server or _spawn()
 
@@ -156,12 +140,7 @@ def prepare() -> None:
 
 
 def healthy(server: LocalServer, timeout: float = 2.0) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{server.api_url}/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return procs.answers(f"{server.api_url}/health", timeout)
 
 
 def wait_healthy(server: LocalServer, timeout: float = START_TIMEOUT) -> None:
@@ -194,12 +173,5 @@ def api() -> Iterator[None]:
 
 def stop(server: LocalServer, timeout: float = 20.0) -> None:
     """End the server's process group (ctcd started it in a session of its own)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(server) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _alive(server):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
+    procs.stop(server.process, timeout, whole_group=True)
     (_folder() / "server.json").unlink(missing_ok=True)

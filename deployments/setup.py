@@ -152,6 +152,21 @@ def _trigger_problems(where: str, triggers: list[dict[str, Any]], names: set[Any
     return found
 
 
+def _drop_abstract_block_type() -> None:
+    """Earlier ctcd registered the abstract deployer base as a block type (a
+    catalog card with a Create button that cannot work); remove it when no block uses it."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            block_type = client.read_block_type_by_slug("ctcd-model-deployer")
+        except ObjectNotFound:
+            return
+        if not client.read_block_documents_by_type("ctcd-model-deployer"):
+            client.delete_block_type(block_type.id)
+
+
 def _existing_pools() -> set[str]:
     from prefect.client.orchestration import get_client
 
@@ -194,6 +209,7 @@ def deploy(prefect_file: Path = ROOT / "prefect.yaml") -> None:
     env = {**os.environ, "PREFECT_API_URL": url, "CTCD_PROJECT_DIR": str(ROOT)}
     print(f"Prefect API: {url}")
     _prefect("block", "register", "-m", "blocks", env=env)
+    _drop_abstract_block_type()
     existing = _existing_pools()
     for name in pools:
         if name not in existing:

@@ -84,11 +84,21 @@ def continuous_deployment_pipeline(
     """Train and register a model, gate it, and deploy it only if the gate passes.
 
     Args:
+        data_path: a local CSV or Parquet file; None uses the generated sample table.
+        target: the numeric column to predict; features are the other numeric columns.
+        model_type: `linear`, `random_forest` or `gradient_boosting`.
+        model_name: the MLflow registered model.
         criteria: metric, threshold and must_beat_champion (default: r2 >= 0 and at least
             as good as the champion). Honoured on the first deploy too.
-        deployer: name of a saved deployer block; None is the local MLflow deployer.
-        tracking: name of a saved `MLflowTracking` block; None uses MLFLOW_TRACKING_URI.
-        Others: as in `training_pipeline`.
+        deployer: name of a saved deployer block (`seldon-model-deployer/NAME`, or a plain
+            MLflow deployer name); None is the local MLflow deployer with defaults.
+        model_params: overrides of the estimator's hyperparameters.
+        experiment_name: the MLflow experiment (default: the tracking block's, else the
+            model name).
+        contract: `auto` (the customer-satisfaction contract when target is `review_score`),
+            `generic` or `customer_satisfaction`.
+        tracking: name of a saved `MLflowTracking` block (server, registry, credentials,
+            possibly from Vault); None uses MLFLOW_TRACKING_URI or local SQLite.
     """
     with use_tracking(tracking):
         trained = train_and_register(
@@ -128,7 +138,7 @@ def gate_and_deploy(
         RunFacts(reg, metrics, dataset.source, dataset.sha256, len(data.x_test)),
         verdict,
         champion,
-        service.prediction_url if service else None,
+        service,
     )
     return DeploymentResult(
         metrics=metrics,
@@ -203,8 +213,22 @@ def deploy_model_version(
     """Gate and deploy a version that is already registered: the given one, or the one the
     training flow run `training_flow_run_id` registered (what the continuous-deployment
     trigger passes). It re-reads the exact table the version was trained on (its SHA-256
-    must match) so the champion is compared on the same held-out rows. `tracking`: as in
-    `continuous_deployment_pipeline`."""
+    must match) so the champion is compared on the same held-out rows.
+
+    Args:
+        model_name: the MLflow registered model.
+        model_version: the registered version to gate and deploy (e.g. `7`); None: the one
+            the run `training_flow_run_id` registered.
+        training_flow_run_id: the continuous-training flow run whose version to deploy (the
+            trigger fills it in); used when `model_version` is None.
+        target: the numeric column the model predicts (to rebuild the held-out rows).
+        criteria: metric, threshold and must_beat_champion (default: r2 >= 0 and at least
+            as good as the champion).
+        deployer: name of a saved deployer block (`seldon-model-deployer/NAME`, or a plain
+            MLflow deployer name); None is the local MLflow deployer with defaults.
+        tracking: name of a saved `MLflowTracking` block (server, registry, credentials,
+            possibly from Vault); None uses MLFLOW_TRACKING_URI or local SQLite.
+    """
     with use_tracking(tracking):
         reg, metrics, tags = find_registered_version(
             model_name, model_version, training_flow_run_id

@@ -197,9 +197,24 @@ def drift_monitor(
 
     The batch: the table at `data_path`, or with no `data_path`, the rows the model's running
     server scored in the last `window` (e.g. '24h'), whose predictions are compared too. With
-    fewer than `min_rows` served rows it reports that and emits nothing. `tracking`: a saved
-    `MLflowTracking` block's name, where the champion is registered; `deployer`: a saved
-    deployer block whose server to read (default: the local servers)."""
+    fewer than `min_rows` served rows it reports that and emits nothing.
+
+    Args:
+        data_path: a CSV or Parquet batch to check; None reads what the model's running
+            server scored in the last `window` (its prediction log).
+        model_name: the registered model; its champion's training sample is the reference.
+        target: the label column, left out of the features (scored when the batch has it).
+        psi_threshold: a feature drifts when its population stability index exceeds this
+        ks_alpha: and its two-sample Kolmogorov-Smirnov p-value is below this.
+        score_served_model: for a `data_path` batch with labels, also report the served
+            model's error on it.
+        tracking: name of a saved `MLflowTracking` block (server, registry, credentials,
+            possibly from Vault); None uses MLFLOW_TRACKING_URI or local SQLite.
+        window: how far back to read the served traffic, e.g. `24h`, `90m`, `7d`.
+        min_rows: fewer served rows than this are reported as too few, with no event.
+        deployer: name of a saved deployer block whose server's log to read; None: the
+            local MLflow servers.
+    """
     with use_tracking(tracking):
         reference = champion_reference(model_name)
         if data_path is None:

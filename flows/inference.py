@@ -42,7 +42,17 @@ def inference_pipeline(
     deployer: str | None = None,
 ) -> InferenceResult:
     """Load a batch (the target column, if present, is ignored), find the running server
-    for `model_name` and return its predictions, one per row."""
+    for `model_name` and return its predictions, one per row.
+
+    Args:
+        data_path: a local CSV or Parquet file to score; None uses the generated sample table.
+        model_name: the registered model whose running server scores the batch.
+        target: a label column to leave out of the features if the table has one.
+        pipeline_name: narrow the server lookup to one deploying pipeline (default: any).
+        step_name: narrow the server lookup to one deploying step (default: any).
+        deployer: name of a saved deployer block (`seldon-model-deployer/NAME`, or a plain
+            MLflow deployer name); None is the local MLflow deployer with defaults.
+    """
     dataset = ingest_data(data_path)
     service = prediction_service_loader(model_name, pipeline_name, step_name, deployer)
     predictions = predictor(service, dataset, target)

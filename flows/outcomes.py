@@ -117,7 +117,24 @@ def record_outcomes(
 ) -> OutcomeReport:
     """Join the labels at `data_path` to the predictions the model's running server logged in
     the last `window`; report the live error beside the champion's offline one and, when it is
-    worse by more than `margin`, emit `ctcd.performance.degraded`."""
+    worse by more than `margin`, emit `ctcd.performance.degraded`.
+
+    Args:
+        data_path: the table of labels (CSV or Parquet), with `target` and `key` columns;
+            required.
+        key: the column holding the request id each prediction was answered with.
+        model_name: the registered model whose server's predictions to join.
+        target: the label column.
+        window: how far back to read the served predictions, e.g. `30d`.
+        metric: the live error to compare: `rmse`, `mae`, `mse` or `r2`.
+        margin: how much worse than the champion's offline error (0.1: 10 %) counts as
+            degraded.
+        min_rows: with fewer joined rows than this the run fails, saying so (too few to judge).
+        deployer: name of a saved deployer block whose server's log to read; None: the
+            local MLflow servers.
+        tracking: name of a saved `MLflowTracking` block (server, registry, credentials,
+            possibly from Vault); None uses MLFLOW_TRACKING_URI or local SQLite.
+    """
     if data_path is None:
         raise DataError(
             "record_outcomes needs data_path: the table (CSV or Parquet) of labels with the "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from prefect.artifacts import create_markdown_artifact
 
+from blocks.service import ServiceRecord
 from ctcd.names import EVALUATION_DIR, IMPORTANCE_TAG
 from ctcd.settings import run_link
 from flows.gate import ChampionScore
@@ -62,18 +63,33 @@ def _plots(run_id: str) -> str:
     return listed + (f"; feature importance: {kind}" if kind else "")
 
 
+def _serving(service: ServiceRecord) -> str:
+    """Where the model serves. The prediction URL takes POST only (a browser's GET gets 405),
+    so it is shown as code to POST to, with a link that opens in a browser: what the server
+    serves (MLflow protocol: /metadata) or its health."""
+    url = service.prediction_url
+    page = url.removesuffix("/invocations") + "/metadata"
+    if service.protocol != "mlflow" or not url.endswith("/invocations"):
+        page = service.health_url
+    return (
+        f"**Serving:** POST requests to `{url}` (e.g. `curl -X POST {url} -H "
+        "'Content-Type: application/json' -d '{\"dataframe_split\": ...}'`); "
+        f"what it serves: [{page}]({page})\n\n"
+    )
+
+
 def publish_report(
     facts: RunFacts,
     decision: str,
     champion: ChampionScore | None = None,
-    service_url: str | None = None,
+    service: ServiceRecord | None = None,
 ) -> str:
     """Create the run's markdown artifact and return its text."""
     reg = facts.registered
     champion_note = ""
     if champion is not None and champion.metrics is None:
         champion_note = f"\n\n_{champion.note}_"
-    served = f"**Serving at:** {service_url}\n\n" if service_url else ""
+    served = _serving(service) if service is not None else ""
     markdown = (
         f"# {reg.model_name} version {reg.model_version}\n\n"
         f"{_metrics_table(facts, champion)}{champion_note}\n\n"

@@ -81,7 +81,22 @@ def train_and_register(
         tags,
         plots,
     )
+    _log_outcome(model_type, data, metrics, registered)
     return Trained(dataset, data, metrics, registered)
+
+
+def _log_outcome(
+    model_type: str, data: CleanData, metrics: dict[str, float], registered: RegisteredModel
+) -> None:
+    """One line in the run's log (the Prefect UI's Logs tab) with what the run produced."""
+    from prefect import get_run_logger
+
+    figures = ", ".join(f"{name} {metrics[name]:.4f}" for name in ("rmse", "mae", "mse", "r2"))
+    get_run_logger().info(
+        f"Trained {model_type} on {len(data.x_train):,} rows; on the {len(data.x_test):,} "
+        f"held-out rows: {figures}. Registered {registered.model_name} version "
+        f"{registered.model_version} (MLflow run {registered.run_id})."
+    )
 
 
 @ctcd_flow(name="training-pipeline", log_prints=True)

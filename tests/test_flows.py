@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -41,9 +42,33 @@ def _served(url: str) -> dict:
     return httpx.get(url.replace("/invocations", "/metadata"), timeout=5).json()
 
 
+def _log_line(flow_run_id: object, words: str, seconds: float = 30) -> str:
+    """The flow run's log line holding `words` (logs reach the API shortly after the run)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+            found = [entry.message for entry in logs if words in entry.message]
+            if found or time.monotonic() > deadline:
+                assert found, [entry.message for entry in logs]
+                return found[0]
+            time.sleep(0.5)
+
+
 def test_training_pipeline_registers_a_version_with_report(small_csv, model_name, ctcd_home):
-    result = training_pipeline(data_path=small_csv, model_name=model_name, model_params=FAST_RF)
+    state = training_pipeline(
+        data_path=small_csv, model_name=model_name, model_params=FAST_RF, return_state=True
+    )
+    result = state.result()
     assert result.model_version == "1" and result["model_version"] == "1"
+    # The run's log (the UI's Logs tab) says what it produced: metrics and the version.
+    line = _log_line(state.state_details.flow_run_id, "Registered ")
+    assert f"Registered {model_name} version 1 (MLflow run {result.run_id})" in line
+    assert f"rmse {result.metrics['rmse']:.4f}" in line and f"r2 {result.metrics['r2']:.4f}" in line
     assert set(result.metrics) >= {"mse", "rmse", "mae", "r2"} and result.metrics["r2"] > 0
     again = training_pipeline(data_path=small_csv, model_name=model_name, model_params=FAST_RF)
     assert again.model_version == "2" and again.data_sha256 == result.data_sha256

@@ -148,6 +148,9 @@ def _wait(check: Callable[[], Any], seconds: float, what: str) -> Any:
 
 @pytest.fixture(scope="module")
 def deployed(server) -> dict[str, str]:
+    # What ctcd before issue 20 left on a server: the abstract deployer base as a block type.
+    stale = {"name": "BaseModelDeployer", "slug": "ctcd-model-deployer"}
+    httpx.post(f"{server['PREFECT_API_URL']}/block_types/", json=stale).raise_for_status()
     done = _make_deploy(server)
     assert done.returncode == 0, done.stdout + done.stderr
     return server
@@ -183,6 +186,39 @@ def test_make_deploy_creates_every_deployment_schedule_and_trigger(deployed) -> 
         ["ctcd.drift.detected", "ctcd.performance.degraded"],  # retraining
         ["prefect.flow-run.Completed"],  # deploying what training registered
     ]
+
+
+def test_automations_and_run_forms_say_what_they_do(deployed) -> None:
+    """What the UI shows: each automation's name and description say what fires it and what
+    it runs (not `continuous-training__automation_1`); every parameter of every deployed flow
+    has a description in the run form; the block catalog holds ctcd's blocks and not the
+    abstract deployer base (an older ctcd's registration of it is removed)."""
+    with _api(deployed) as client:
+        automations = {a.name: a for a in client.read_automations()}
+        deployments = client.read_deployments()
+        block_types = {b.slug for b in client.read_block_types()}
+    assert set(automations) == {
+        "Retrain customer-satisfaction on drift or a worse live error",
+        "Deploy the version continuous training registered",
+    }
+    retrain = automations["Retrain customer-satisfaction on drift or a worse live error"]
+    for event in ("ctcd.drift.detected", "ctcd.performance.degraded", "continuous-training"):
+        assert event in retrain.description
+    deploy = automations["Deploy the version continuous training registered"]
+    for words in ("continuous-training run completes", "continuous-deployment", "champion"):
+        assert words in deploy.description
+    for deployment in deployments:
+        fields = deployment.parameter_openapi_schema["properties"]
+        undescribed = [name for name, field in fields.items() if not field.get("description")]
+        assert not undescribed, f"{deployment.name}: {undescribed}"
+    assert {
+        "mlflow-model-deployer",
+        "seldon-model-deployer",
+        "mlflow-tracking",
+        "object-store-credentials",
+        "vault-credentials",
+    } <= block_types
+    assert "ctcd-model-deployer" not in block_types
 
 
 def _completed_runs(env: dict[str, str], deployment: str) -> list[Any]:

@@ -107,3 +107,26 @@ def test_a_linear_model_gets_no_importance_plot():
     plots = plot_evaluation.fn(train_model.fn(data, "linear"), data, "review_score")
     assert set(plots.images) == PLOTS - {"feature_importance.png"}
     assert plots.importance is None and plots.rows == len(data.x_test)
+
+
+def test_the_report_shows_where_to_post_and_links_only_to_a_page_that_opens(
+    small_csv, model_name, ctcd_home
+) -> None:
+    """The prediction URL takes POST only: a link to it opened {"detail":"Method Not Allowed"}.
+    The report shows it as code to POST to; its one link (what the server serves) opens."""
+    import re
+
+    import httpx
+
+    result = continuous_deployment_pipeline(
+        data_path=small_csv, model_name=model_name, model_type="linear"
+    )
+    assert result.deployed
+    url = result.service.prediction_url
+    report = _report(result.run_id)
+    assert f"**Serving:** POST requests to `{url}`" in report
+    links = re.findall(r"\]\((http[^)]+)\)", report.split("**Serving:**")[1].split("\n")[0])
+    assert links == [url.removesuffix("/invocations") + "/metadata"]
+    assert httpx.get(url, timeout=10).status_code == 405  # why it is not a link
+    page = httpx.get(links[0], timeout=10)
+    assert page.status_code == 200 and page.json()["model_version"] == result.model_version

@@ -28,6 +28,7 @@ from mlflow.types.schema import DataType
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctcd.serving.batching import BatchingModel
+from ctcd.serving.limits import first_headers
 from ctcd.serving.predlog import REQUEST_ID, request_id_from
 
 MAX_FAST_BODY = 64 * 1024  # larger bodies are parsed by MLflow, in a thread
@@ -96,7 +97,7 @@ class FastInvocations:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/invocations":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        headers = first_headers(scope)  # repeated headers read as MLflow's route reads them
         # Every answer names its request: the client's X-Request-ID, or one made here. The
         # prediction log records it (MLflow's route reads it from REQUEST_ID in its thread).
         request_id = request_id_from(headers.get(b"x-request-id"))

@@ -19,6 +19,13 @@ from ctcd.serving.compat import raised_while_parsing
 logger = logging.getLogger("ctcd.serving")
 
 
+def first_headers(scope: Scope) -> dict[bytes, bytes]:
+    """The request's headers by (lower-case) name, the FIRST of any repeated one: what
+    starlette's `request.headers.get()` gives MLflow's route, so the server reads a request
+    with two Content-Type headers as MLflow does."""
+    return dict(reversed(scope["headers"]))
+
+
 class _TooLarge(Exception):
     """Raised from the app's `receive` once a body without a length passes the limit, to
     stop the app reading; the middleware then answers 413."""
@@ -62,12 +69,14 @@ class RequestGuard:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        headers = first_headers(scope)
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             await _answer(send, 413, "REQUEST_TOO_LARGE", self._too_large())
             return
-        if scope["path"] == "/invocations" and not headers.get(b"content-type"):
+        # No header at all fails inside MLflow's route (a 500); an empty one is MLflow's to
+        # answer (415, naming the type it got).
+        if scope["path"] == "/invocations" and b"content-type" not in headers:
             message = (
                 "The request has no Content-Type header. Send JSON as 'application/json' "
                 '(e.g. {"dataframe_split": {"columns": [...], "data": [[...]]}}) or CSV '
