@@ -106,8 +106,13 @@ def describe(
     if as_json:
         typer.echo(json.dumps(record.summary(), indent=2))
         return
+    from rich.markup import escape
+
     for key, value in record.summary().items():
-        console.print(f"[bold]{key:>22}[/]  {value}", highlight=False, soft_wrap=True)
+        many = key in ("state_differs", "settings_differ") and value  # one per line
+        for n, line in enumerate(value if many else [value]):
+            label = f"[bold]{key:>22}[/]" if n == 0 else " " * 22
+            console.print(f"{label}  {escape(str(line))}", highlight=False, soft_wrap=True)
 
 
 @models.command()
