@@ -228,6 +228,13 @@ def drift_monitor(
                 report = report.model_copy(
                     update={"served_metrics": served_model_error(model_name, batch, target)}
                 )
+    _publish(report, min_rows)
+    return report
+
+
+def _publish(report: DriftReport, min_rows: int) -> None:
+    """The run's table artifact, its log line, and `ctcd.drift.detected` on drift."""
+    model_name = report.model_name
     table = [
         r.model_dump() for r in [*report.features, *([report.output] if report.output else [])]
     ]
@@ -243,7 +250,7 @@ def drift_monitor(
             f"{model_name}: {report.source} holds {report.rows} rows, fewer than min_rows="
             f"{min_rows}: not judged, no event"
         )
-        return report
+        return
     if report.drifted:
         emit_event(
             event=DRIFT_DETECTED,
@@ -259,7 +266,6 @@ def drift_monitor(
     drifted = ", ".join(report.drifted_features) or "none"
     output = "" if report.output is None else f"; predictions drifted: {report.output.drifted}"
     print(f"{model_name} v{report.model_version}: drifted features: {drifted}{output}")
-    return report
 
 
 def _served_report(

@@ -135,6 +135,39 @@ def record_outcomes(
         tracking: name of a saved `MLflowTracking` block (server, registry, credentials,
             possibly from Vault); None uses MLFLOW_TRACKING_URI or local SQLite.
     """
+    joined, unmatched, path = _joined(data_path, key, model_name, target, window, metric,
+                                      min_rows, deployer)  # fmt: skip
+    with use_tracking(tracking):
+        champion, offline = champion_figures(model_name)
+    live = score(joined[target].astype(float), joined["prediction"].to_numpy(dtype=np.float64))
+    if metric not in offline:
+        raise DataContractError(
+            f"champion v{champion} of {model_name}", [f"its run logged no '{metric}' metric"]
+        )
+    degraded, reason = judge(live[metric], offline[metric], metric, margin)
+    report = OutcomeReport(
+        model_name=model_name,
+        champion_version=champion,
+        served_versions=sorted(joined["model_version"].astype(str).unique()),
+        rows=len(joined),
+        unmatched_outcomes=unmatched,
+        metric=metric,
+        live_metrics=live,
+        champion_metrics=offline,
+        degraded=degraded,
+        reason=reason,
+    )
+    _publish(report, path, margin)
+    print(f"{model_name}: {reason} on {len(joined)} rows")
+    return report
+
+
+def _joined(
+    data_path: str | None, key: str, model_name: str, target: str, window: str, metric: str,
+    min_rows: int, deployer: str | None,
+) -> tuple[pd.DataFrame, int, Path]:  # fmt: skip
+    """The labelled served rows, how many outcomes matched nothing, and the labels' path;
+    a clear error when there is nothing (or too little) to judge."""
     if data_path is None:
         raise DataError(
             "record_outcomes needs data_path: the table (CSV or Parquet) of labels with the "
@@ -159,50 +192,35 @@ def record_outcomes(
             f"{window} (by '{key}'); at least {min_rows} are needed to judge the live error. "
             f"{unmatched} outcomes matched nothing: check the key, or widen `window`."
         )
-    with use_tracking(tracking):
-        champion, offline = champion_figures(model_name)
-    live = score(joined[target].astype(float), joined["prediction"].to_numpy(dtype=np.float64))
-    if metric not in offline:
-        raise DataContractError(
-            f"champion v{champion} of {model_name}", [f"its run logged no '{metric}' metric"]
-        )
-    degraded, reason = judge(live[metric], offline[metric], metric, margin)
-    report = OutcomeReport(
-        model_name=model_name,
-        champion_version=champion,
-        served_versions=sorted(joined["model_version"].astype(str).unique()),
-        rows=len(joined),
-        unmatched_outcomes=unmatched,
-        metric=metric,
-        live_metrics=live,
-        champion_metrics=offline,
-        degraded=degraded,
-        reason=reason,
-    )
+    return joined, unmatched, path
+
+
+def _publish(report: OutcomeReport, path: Path, margin: float) -> None:
+    """The run's artifact, and `ctcd.performance.degraded` when the live error is worse."""
+    live, offline, metric = report.live_metrics, report.champion_metrics, report.metric
     table = "\n".join(
         f"| {name} | {live[name]:.4f} | {offline.get(name, float('nan')):.4f} |" for name in METRICS
     )
     create_markdown_artifact(
-        key=f"outcomes-{model_name}".lower(),
+        key=f"outcomes-{report.model_name}".lower(),
         markdown=(
-            f"## Live error of {model_name} (served versions {', '.join(report.served_versions)})"
-            f"\n\n{len(joined)} served rows with outcomes from `{path}`; {unmatched} outcomes "
-            f"matched no logged prediction.\n\n| metric | live | champion v{champion} (offline) |"
-            f"\n|---|---|---|\n{table}\n\n**{reason}**\n"
+            f"## Live error of {report.model_name} (served versions "
+            f"{', '.join(report.served_versions)})\n\n{report.rows} served rows with outcomes "
+            f"from `{path}`; {report.unmatched_outcomes} outcomes matched no logged prediction."
+            f"\n\n| metric | live | champion v{report.champion_version} (offline) |"
+            f"\n|---|---|---|\n{table}\n\n**{report.reason}**\n"
         ),
     )
-    if degraded:
+    if report.degraded:
         emit_event(
             event=PERFORMANCE_DEGRADED,
-            resource=model_resource(model_name),
+            resource=model_resource(report.model_name),
             payload={
                 "metric": metric,
                 "live": live[metric],
                 "champion": offline[metric],
                 "margin": margin,
-                "rows": len(joined),
+                "rows": report.rows,
                 "served_versions": report.served_versions,
             },
         )
-    print(f"{model_name}: {reason} on {len(joined)} rows")
-    return report

@@ -1,7 +1,7 @@
 """Request limits and client-error answers for the model server, as pure ASGI middleware.
 
-`RequestGuard` caps POST bodies at the server's `max_body_bytes` (default 16 MiB) without buffering
-them, and turns the few malformed requests MLflow's scoring app fails on with a 500 into
+`RequestGuard` caps POST bodies at the server's `max_body_bytes` (default 16 MiB) without
+buffering them, and turns the few malformed requests MLflow's scoring app fails on with a 500 into
 4xx answers that say what was wrong. It does not mask server faults: only exceptions raised
 inside MLflow's decoding of a JSON body are answered as the client's error (400); any other
 exception still propagates to the app's 500 handler.
@@ -65,15 +65,12 @@ class RequestGuard:
             "several smaller requests."
         )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
+    def _refusal(self, scope: Scope) -> tuple[int, str, str] | None:
+        """(status, error code, message) for a request refused before its body is read."""
         headers = first_headers(scope)
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            await _answer(send, 413, "REQUEST_TOO_LARGE", self._too_large())
-            return
+            return 413, "REQUEST_TOO_LARGE", self._too_large()
         # No header at all fails inside MLflow's route (a 500); an empty one is MLflow's to
         # answer (415, naming the type it got).
         if scope["path"] == "/invocations" and b"content-type" not in headers:
@@ -82,45 +79,64 @@ class RequestGuard:
                 '(e.g. {"dataframe_split": {"columns": [...], "data": [[...]]}}) or CSV '
                 "as 'text/csv'."
             )
-            await _answer(send, 415, "UNSUPPORTED_MEDIA_TYPE", message)
+            return 415, "UNSUPPORTED_MEDIA_TYPE", message
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
             return
-
-        received = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def watching_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await _answer(send, *refusal)
+            return
+        watch = _Watch(receive, send, self.max_bytes)
         try:
-            await self.app(scope, counting_receive, watching_send)
+            await self.app(scope, watch.receive, watch.send)
         except Exception as exc:  # may arrive wrapped in an ExceptionGroup by anyio
-            if started:
+            if watch.started:
                 raise
-            if received > self.max_bytes:
+            if watch.received > self.max_bytes:
                 await _answer(send, 413, "REQUEST_TOO_LARGE", self._too_large())
                 return
-            cause = _unwrap(exc)
-            if not isinstance(cause, RecursionError | ValueError | TypeError):
-                raise
-            # too deeply nested, integers of over 4,300 digits, unhashable column names, ...
-            if not raised_while_parsing(cause):
-                raise
-            logger.warning("answered 400 to an unparsable request body: %r", cause)
-            detail = "it is nested too deeply" if isinstance(cause, RecursionError) else repr(cause)
-            message = (
-                f"The request body could not be read as model input: {detail[:300]}. Send "
-                "one number (or null) per cell, e.g. "
-                '{"dataframe_split": {"columns": [...], "data": [[1.0, 2.5, ...], ...]}}.'
-            )
-            await _answer(send, 400, "BAD_REQUEST", message)
+            await _answer(send, 400, "BAD_REQUEST", _bad_body(exc))
+
+
+class _Watch:
+    """The app's `receive` and `send`, counting the body's bytes (stopping the app once it
+    passes the limit) and noting whether the response has started."""
+
+    def __init__(self, receive: Receive, send: Send, limit: int) -> None:
+        self._receive, self._send, self.limit = receive, send, limit
+        self.received = 0
+        self.started = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                raise _TooLarge
+        return message
+
+    async def send(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
+
+
+def _bad_body(exc: Exception) -> str:
+    """The 400's message for an exception MLflow's body decoding let escape (too deeply nested,
+    integers of over 4,300 digits, unhashable column names, ...); any other exception is
+    raised again, for the app's 500."""
+    cause = _unwrap(exc)
+    if not isinstance(cause, RecursionError | ValueError | TypeError):
+        raise exc
+    if not raised_while_parsing(cause):
+        raise exc
+    logger.warning("answered 400 to an unparsable request body: %r", cause)
+    detail = "it is nested too deeply" if isinstance(cause, RecursionError) else repr(cause)
+    return (
+        f"The request body could not be read as model input: {detail[:300]}. Send one number "
+        '(or null) per cell, e.g. {"dataframe_split": {"columns": [...], "data": [[1.0, 2.5, '
+        "...], ...]}}."
+    )
