@@ -18,8 +18,8 @@ from ctcd.exceptions import DeployerNotFoundError, ModelConfigError, ServiceNotF
 
 def load_deployer(name: str | None = None) -> BaseModelDeployer:
     """The saved deployer block `name` ("block-type-slug/name", e.g.
-    `seldon-model-deployer/prod`, or a plain MLflow deployer name); None gives the local
-    MLflow deployer with defaults."""
+    `seldon-model-deployer/prod` or `kserve-model-deployer/prod`, or a plain MLflow deployer
+    name); None gives the local MLflow deployer with defaults."""
     if name is None:
         return MLflowModelDeployer()
     try:

@@ -1,10 +1,11 @@
 """Credentials for S3-compatible object stores (AWS S3, MinIO, GCS interoperability), given as
-plain secrets or as Vault references resolved only at run time, and the Kubernetes Secret that
-Seldon Core v1's rclone storage initializer reads."""
+plain secrets or as Vault references resolved only at run time, and the Kubernetes Secrets that
+Seldon Core v1's rclone storage initializer and KServe's S3 credential builder read."""
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlparse
 
 from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, model_validator
@@ -28,7 +29,8 @@ class ObjectStoreKeys(BaseModel):
 class ObjectStoreCredentials(Block):
     """Access keys for an S3-compatible object store, each a secret or a reference to a KV v2
     secret in Vault (resolved with the `vault` block only when used), and the Kubernetes
-    Secret that Seldon Core v1's storage initializer reads (`envSecretRefName`).
+    Secrets that Seldon Core v1's storage initializer (`envSecretRefName`) and KServe's
+    (through a service account) read.
 
     Example:
         ```python
@@ -46,7 +48,7 @@ class ObjectStoreCredentials(Block):
     _logo_url = logo("aws")
     _description = (
         "Access keys for an S3-compatible object store (AWS S3, MinIO, GCS), "
-        "plain or from Vault, and the rclone Secret Seldon Core v1 reads."
+        "plain or from Vault, and the Secrets Seldon Core v1 and KServe read."
     )
     _documentation_url = HttpUrl(
         "https://docs.seldon.ai/seldon-core-1/configuration/servers/overview"
@@ -123,4 +125,38 @@ class ObjectStoreCredentials(Block):
             "metadata": {"name": name, "namespace": namespace, "labels": dict(MANAGED_BY)},
             "type": "Opaque",
             "stringData": env,
+        }
+
+    def kserve_secret(self, name: str, namespace: str) -> dict[str, Any]:
+        """A `v1 Secret` manifest as KServe's S3 credential builder reads it: the keys under
+        `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (KServe's default `s3AccessKeyIDName` and
+        `s3SecretAccessKeyName`) and the store's location in `serving.kserve.io/s3-*`
+        annotations. List it in the predictor's service account: KServe injects it into the
+        storage initializer as `secretKeyRef`s.
+
+        The manifest holds the keys in plain text: send it only to the Kubernetes API server.
+        Never log it, print it, return it from a task or put it in a flow parameter or
+        artifact."""
+        keys = self.resolve()
+        notes = {}
+        if self.endpoint_url:
+            endpoint = urlparse(self.endpoint_url)
+            notes["serving.kserve.io/s3-endpoint"] = endpoint.netloc
+            notes["serving.kserve.io/s3-usehttps"] = "0" if endpoint.scheme == "http" else "1"
+        if self.region:
+            notes["serving.kserve.io/s3-region"] = self.region
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": dict(MANAGED_BY),
+                "annotations": notes,
+            },
+            "type": "Opaque",
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": keys.access_key_id.get_secret_value(),
+                "AWS_SECRET_ACCESS_KEY": keys.secret_access_key.get_secret_value(),
+            },
         }

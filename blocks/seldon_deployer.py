@@ -2,50 +2,33 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Coroutine, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
-from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect_kubernetes.credentials import KubernetesClusterConfig
 from pydantic import Field, HttpUrl
 
+from blocks import kube
 from blocks import seldon_manifest as sm
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
-from blocks.kube_errors import refused
+from blocks.kube_logs import follow, pod_logs
 from blocks.object_store import ObjectStoreCredentials
-from blocks.seldon_kube import SeldonFailed, Session, session
+from blocks.seldon_kube import Session, session
 from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
 from blocks.ui import logo, optional_nested
-from ctcd.exceptions import ModelServerError
+from ctcd.exceptions import ModelServerError, SeldonFailed
 
 T = TypeVar("T")
 
 
+MISSING = "Is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace there?"
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one API operation; connection and permission failures become clear errors."""
-    from aiohttp import ClientConnectionError
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    try:
-        result: T = run_coro_as_sync(coro)
-    except ClientConnectionError as err:
-        raise ModelServerError(
-            "Reaching the Kubernetes API", str(err),
-            hint="Check the deployer's `cluster_config` (or KUBECONFIG / the in-cluster config).",
-        ) from err  # fmt: skip
-    except ApiException as err:
-        if (clear := refused(err, "seldon")) is not None:
-            raise clear from None
-        if err.status != 404:
-            raise
-        raise ModelServerError(
-            "Calling the Kubernetes API", f"HTTP {err.status} {err.reason}",
-            hint="Is Seldon Core v1 (its SeldonDeployment CRD) installed, and the namespace there?",
-        ) from None  # fmt: skip
-    return result
+    return kube.run(coro, "seldon", MISSING)
 
 
 class SeldonModelDeployer(BaseModelDeployer):
@@ -294,48 +277,12 @@ class SeldonModelDeployer(BaseModelDeployer):
             await api.delete_secret_if_unused(self.secret_name, deleted)
 
     def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:
-        async def run() -> list[str]:
-            async with self._api() as api:
-                pods = await api.core.list_namespaced_pod(
-                    api.namespace, label_selector=f"{sm.OWNER_LABEL}={record.kube.resource_name}"
-                )
-                if not pods.items:
-                    return [
-                        f"No predictor pods exist for SeldonDeployment {record.kube.resource_name} "
-                        f"in namespace {api.namespace} (stopped, or not scheduled yet): "
-                        "there is no log to show."
-                    ]
-                lines: list[str] = []
-                for pod in pods.items:
-                    lines.extend(await _pod_log(api, pod, tail, len(pods.items) > 1))
-                return lines
-
-        return _run(run())
+        selector = f"{sm.OWNER_LABEL}={record.kube.resource_name}"
+        what = f"SeldonDeployment {record.kube.resource_name}"
+        return _run(pod_logs(self._api(), selector, sm.GRAPH, tail, what))
 
     def _follow(self, record: ServiceRecord) -> Iterator[str]:
-        seen: set[str] = set(self._logs(record, None))
-        while True:
-            time.sleep(2)
-            for line in self._logs(record, 200):
-                if line not in seen:
-                    seen.add(line)
-                    yield line
-
-
-async def _pod_log(api: Session, pod: Any, tail: int | None, prefix: bool) -> list[str]:
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    name = pod.metadata.name
-    try:
-        text = await api.core.read_namespaced_pod_log(
-            name, api.namespace, container=sm.GRAPH, tail_lines=tail
-        )
-    except ApiException as err:
-        if err.status in (401, 403):
-            raise  # a permission to grant, not a pod without a log
-        phase = pod.status.phase if pod.status else "unknown"
-        return [f"Pod {name} ({phase}) has no readable log: HTTP {err.status} {err.reason}"]
-    return [f"[{name}] {line}" if prefix else line for line in str(text).splitlines()]
+        return follow(lambda tail: self._logs(record, tail))
 
 
 def _restore(before: dict[str, Any], error: str) -> Any:

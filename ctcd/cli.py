@@ -25,7 +25,8 @@ DeployerOpt = Annotated[
     str | None,
     typer.Option(
         "--deployer",
-        help="Saved deployer block, e.g. `seldon-model-deployer/prod`; "
+        help="Saved deployer block, e.g. `seldon-model-deployer/prod` or "
+        "`kserve-model-deployer/prod`; "
         "default: the local MLflow deployer.",
     ),
 ]
@@ -157,7 +158,8 @@ def delete(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
     deployer: DeployerOpt = None,
 ) -> None:
-    """Stop a server and delete it: its runtime folder, or its SeldonDeployment (irreversible)."""
+    """Stop a server and delete it: its runtime folder, or its SeldonDeployment or
+    InferenceService (irreversible)."""
     dep = _deployer(deployer)
     try:
         record = dep.get_model_server(uuid)

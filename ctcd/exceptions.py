@@ -119,6 +119,18 @@ class ModelLoadError(ModelServerError):
         )
 
 
+class RolloutFailed(ModelServerError):
+    """A cluster's controller reported that the asked spec cannot serve."""
+
+
+class SeldonFailed(RolloutFailed):
+    """Seldon Core's operator reported `Failed` for the SeldonDeployment."""
+
+
+class KServeFailed(RolloutFailed):
+    """KServe reported that the predictor cannot serve the asked model."""
+
+
 class LocalApiError(CtcdError, RuntimeError):
     """The local Prefect server ctcd started for runs with embedded defaults is not usable."""
 

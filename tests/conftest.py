@@ -38,6 +38,8 @@ FAST_RF = {"n_estimators": 10, "max_depth": 6}
 
 # What a test starts, by marker (pyproject.toml registers them). `make test-fast` runs `unit`.
 KINDS = ("unit", "server", "kubernetes", "image")
+# Whether the tests selected need Prefect's API (any that is not `unit`): set at collection.
+_NEEDS_API: list[bool] = [True]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -48,6 +50,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             f"tests without a kind marker ({', '.join(KINDS)}): {', '.join(unmarked[:5])}. "
             "Add `pytestmark = pytest.mark.<kind>` to the module (see tests/conftest.py)."
         )
+    _NEEDS_API[0] = any(item.get_closest_marker("unit") is None for item in items)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -72,11 +75,13 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(autouse=True)
-def _prefect_api(request: pytest.FixtureRequest) -> None:
-    """Every test but a `unit` one runs with the session's Prefect harness; a `unit` test
-    starts no server, so one that needs Prefect's API fails instead of hiding it."""
-    if request.node.get_closest_marker("unit") is None:
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_api(_session_cleanup: None, request: pytest.FixtureRequest) -> None:
+    """A session with any test that is not `unit` runs with Prefect's harness, started before
+    every other fixture (module fixtures that run flows included). Only the unit tests
+    (`make test-fast`) run without one, so a `unit` test that needs Prefect's API fails there
+    instead of hiding it."""
+    if _NEEDS_API[0]:
         request.getfixturevalue("prefect_harness")
 
 

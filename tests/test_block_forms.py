@@ -273,6 +273,7 @@ LOGOS = {
     "MLflow Model Deployer": "process.png",
     "MLflow Tracking": "webhook.png",
     "Object Store Credentials": "aws.png",
+    "KServe Model Deployer": "kubernetes.png",
     "Seldon Model Deployer": "kubernetes.png",
     "Vault Credentials": "secret.png",
 }

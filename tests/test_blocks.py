@@ -22,6 +22,7 @@ ALL_BLOCKS = [
 
 def test_every_block_is_covered() -> None:
     assert {b.__name__ for b in ALL_BLOCKS} == {
+        "KServeModelDeployer",
         "MLflowModelDeployer",
         "MLflowTracking",
         "ObjectStoreCredentials",
