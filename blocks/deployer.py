@@ -98,9 +98,10 @@ class BaseModelDeployer(Block, ABC):
         return matches[0]
 
     def start_model_server(self, uuid: str, timeout: float | None = None) -> ServiceRecord:
-        """Start a stopped or crashed server on its recorded URL; a running one is left as is."""
+        """Start a stopped or crashed server on its recorded URL; a running one is left as is
+        unless its record and what it serves differ (`state_differs`): then it is repaired."""
         record = self.get_model_server(uuid)
-        if record.status == ServiceState.ACTIVE:
+        if record.status == ServiceState.ACTIVE and not record.observed.state_differs:
             return record
         return self._start(record, timeout)
 

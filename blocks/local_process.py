@@ -14,15 +14,15 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 from blocks.service import ServiceRecord
 from ctcd import client, seams
 from ctcd import processes as procs
-from ctcd.exceptions import ModelLoadError, ModelServerError
+from ctcd.exceptions import ModelLoadError, ModelServerError, StateFileError
 from ctcd.serving import desired as ds
 from ctcd.serving.predlog import probe_request_id
 
@@ -35,6 +35,26 @@ def log_tail(path: Path | str | None, lines: int = 30) -> str:
         return ""
     with open(path, errors="replace") as handle:
         return "".join(deque(handle, maxlen=lines)).rstrip()
+
+
+def log_lines(path: Path, tail: int | None = None) -> list[str]:
+    """The log's lines (the last `tail` ones when given); none when there is no log yet."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    return lines[-tail:] if tail else lines
+
+
+def follow_log(path: Path) -> Iterator[str]:
+    """Lines as they are appended to the log, until the caller stops."""
+    with open(path, errors="replace") as handle:
+        handle.seek(0, 2)
+        while True:
+            line = handle.readline()
+            if line:
+                yield line.rstrip("\n")
+            else:
+                time.sleep(0.25)
 
 
 def process(record: ServiceRecord) -> psutil.Process | None:
@@ -92,11 +112,14 @@ def workers(record: ServiceRecord) -> list[psutil.Process]:
         return []
 
 
-def observe_workers(record: ServiceRecord) -> ds.Seen:
+def observe_workers(record: ServiceRecord, want: ds.DesiredState | None = None) -> ds.Seen:
     """Each live worker, oldest first: (pid, the version it announced or None while it loads,
-    whether the master told it to leave). From the workers' own announcements."""
+    whether the master told it to leave). From the workers' own announcements; `want` (default:
+    the desired state, when readable) marks workers running with other settings."""
     runtime = record.local.runtime_dir
-    want = ds.read_desired(runtime) or {}
+    if want is None:
+        with contextlib.suppress(StateFileError):
+            want = ds.read_desired(runtime)
     seen = []
     for proc in workers(record):
         said = ds.announcement(runtime, proc.pid)
@@ -113,30 +136,36 @@ def wake(record: ServiceRecord) -> None:
             os.kill(record.local.pid, signal.SIGWINCH)
 
 
-def wait_converged(record: ServiceRecord, generation: int, timeout: float) -> dict[str, Any]:
-    """Block until the workers serve desired-state `generation`; return it. Raise
-    ModelLoadError if the master rejected that version (a worker could not load or score it),
-    ModelServerError if the server died, or nothing converged within `timeout`."""
+def wait_converged(record: ServiceRecord, generation: int, timeout: float) -> ds.DesiredState:
+    """Block until the workers serve desired-state `generation` and the master has recorded
+    it (`stable.json`, which keeps the history); return that state. Raise ModelLoadError if
+    the master rejected that version (a worker could not load or score it), ModelServerError
+    if the server died, or nothing converged within `timeout`; StateFileError if the desired
+    state became unreadable."""
     runtime = record.local.runtime_dir
     deadline = time.monotonic() + timeout
-    target = str((ds.read_desired(runtime) or {}).get("model_version"))
-    old = {pid for pid, version, _ in observe_workers(record) if version != target}
+    want = _desired(record)
+    old = {
+        pid for pid, version, _ in observe_workers(record, want) if version != want.model_version
+    }
     while True:
-        want = ds.read_desired(runtime) or {}
-        if want.get("generation") != generation:
+        want = _desired(record)
+        if want.generation != generation:
             raise _moved_on(record, want, generation)
         if process(record) is None:
             raise ModelServerError(
-                f"Serving {record.model_name} version {want.get('model_version')}",
+                f"Serving {record.model_name} version {want.model_version}",
                 f"the server process (PID {record.local.pid}) exited",
                 log_tail(record.local.log_path),
             )
-        if ds.converged(observe_workers(record), want) and healthy(record):
+        seen = observe_workers(record, want)
+        done = ds.converged(seen, want) and ds.master_recorded(runtime, generation)
+        if done and healthy(record):
             return want
-        _pause_on_progress(record, want, old)
+        _pause_on_progress(record, want, old, seen)
         if time.monotonic() > deadline:
             raise ModelServerError(
-                f"Serving {record.model_name} version {want.get('model_version')} at "
+                f"Serving {record.model_name} version {want.model_version} at "
                 f"{record.prediction_url}",
                 f"the workers did not all serve that version within {timeout:.0f} s",
                 log_tail(record.local.log_path),
@@ -145,32 +174,44 @@ def wait_converged(record: ServiceRecord, generation: int, timeout: float) -> di
         time.sleep(0.05)
 
 
-def _moved_on(record: ServiceRecord, want: dict[str, Any], generation: int) -> Exception:
+def _desired(record: ServiceRecord) -> ds.DesiredState:
+    want = ds.read_desired(record.local.runtime_dir)
+    if want is None:
+        raise ModelServerError(
+            f"Serving {record.model_name}",
+            f"{record.local.runtime_dir / ds.CURRENT} is missing",
+            hint=f"`ctcd models start {record.uuid[:8]}` writes it again from the record.",
+        )
+    return want
+
+
+def _moved_on(record: ServiceRecord, want: ds.DesiredState, generation: int) -> Exception:
     """Why the desired state is no longer `generation`: the master rejected the version, or
     another deploy (or a start) wrote a newer state."""
-    rejected = want.get("rejected") or {}
-    if want.get("generation") == generation + 1 and rejected:
+    rejected = want.rejected
+    if want.generation == generation + 1 and rejected:
         return ModelLoadError(
-            record.model_name, str(rejected["model_version"]), log_tail(record.local.log_path, 80)
+            record.model_name, rejected.model_version, log_tail(record.local.log_path, 80)
         )
     return ModelServerError(
         f"Serving {record.model_name} version {record.model_version}",
-        f"the desired state changed under this deploy (now generation "
-        f"{want.get('generation')}, version {want.get('model_version')})",
+        f"another deploy or start changed the desired state meanwhile (now generation "
+        f"{want.generation}, version {want.model_version}); the server converges on that",
     )
 
 
-def _pause_on_progress(record: ServiceRecord, want: dict[str, Any], old: set[int]) -> None:
+def _pause_on_progress(
+    record: ServiceRecord, want: ds.DesiredState, old: set[int], seen: ds.Seen
+) -> None:
     """Tests only (`ctcd.seams`): stop this deploy once a new worker has announced the
     desired version, or once one of the old workers was told to leave (or is gone)."""
     if not seams.pausing():
         return
     runtime = record.local.runtime_dir
-    seen = observe_workers(record)
     live = {pid for pid, _, _ in seen}
     if old - live or any(leaving for pid, _, leaving in seen if pid in old):
         seams.pause_point("worker-leaving", runtime)
-    if any(pid not in old and v == str(want["model_version"]) for pid, v, _ in seen):
+    if any(pid not in old and v == want.model_version for pid, v, _ in seen):
         seams.pause_point("worker-announced", runtime)
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import shutil
-import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -16,10 +14,11 @@ from pydantic import Field, HttpUrl
 from blocks import local_process as lp
 from blocks import local_records as store
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
+from blocks.local_recovery import refuse_unowned, sweep_leftovers
 from blocks.service import LocalRuntime, ServiceRecord, ServiceState
 from blocks.ui import logo
 from ctcd import processes as procs
-from ctcd.exceptions import ModelLoadError, ModelServerError
+from ctcd.exceptions import ModelLoadError, ModelServerError, StateFileError
 from ctcd.files import locked
 from ctcd.seams import pause_point
 from ctcd.serving import desired as ds
@@ -82,8 +81,8 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         return root
 
     def _lock(self, config: DeploymentConfig) -> AbstractContextManager[None]:
-        ident = f"{config.pipeline_name}\0{config.step_name}\0{config.model_name}"
-        return locked(self._root() / f".lock-{hashlib.sha1(ident.encode()).hexdigest()[:16]}")
+        names = (config.pipeline_name, config.step_name, config.model_name)
+        return locked(store.deploy_lock(self._root(), *names))
 
     def _records(self) -> list[ServiceRecord]:
         return store.read_records(self._root())
@@ -114,8 +113,8 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
     def _desire(self, runtime: Path, config: DeploymentConfig, record: ServiceRecord) -> int:
         """Write the desired state (durably, before anything else changes): the version, and
         the record's workers and settings; its generation."""
-        model = {**config.model_dump(), "uuid": record.uuid,
-                 "model_path": str(runtime / "models" / config.model_version)}  # fmt: skip
+        path = str(runtime / "models" / config.model_version)
+        model = ds.ServedModel(**config.model_dump(), uuid=record.uuid, model_path=path)
         settings = record.local.server_settings
         generation = ds.set_desired(runtime, model, record.workers, settings=settings)
         assert generation is not None  # unconditional writes always happen
@@ -129,7 +128,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
             uuid=runtime.name,
             backend="mlflow-local",
             **config.model_dump(),
-            history=[config.model_version],
+            history=[],  # the versions it served: none yet
             workers=self.workers,
             deployer_block=self.block_name(),
             prediction_url=f"{base}/invocations",
@@ -145,14 +144,23 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         )
 
     def _create(self, config: DeploymentConfig, timeout: float | None) -> ServiceRecord:
-        runtime = self._root() / str(uuidlib.uuid4())
-        runtime.mkdir()
+        root = self._root()
+        sweep_leftovers(root)
+        refuse_unowned(self._records(), config)
+        record = store.create(self._new_record(config, root / str(uuidlib.uuid4())))
+        return self._bring_up(record, config, timeout)
+
+    def _bring_up(
+        self, record: ServiceRecord, config: DeploymentConfig, timeout: float | None
+    ) -> ServiceRecord:
+        """Serve `config` from a server that has never served: copy the model, write the
+        desired state, start the server, probe it; on any failure, remove the server."""
+        runtime = record.local.runtime_dir
         try:
             model = store.stage(runtime, config)
         except Exception:
             shutil.rmtree(runtime, ignore_errors=True)
             raise
-        record = self._new_record(config, runtime)
         generation = self._desire(runtime, config, record)
         try:
             record = self._launch(record, generation, timeout or self.deploy_timeout)
@@ -178,6 +186,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
             )
             store.write(record, last_error=error, desired_state=ServiceState.ACTIVE)
             raise ModelServerError(f"Starting the server for {record.model_name}", error)
+        ds.seed_history(local.runtime_dir, record.history)  # no master runs: safe to write
         ref = lp.spawn(record)
         runtime = local.model_copy(update={"pid": ref.pid, "pid_started_at": ref.started_at})
         record = store.write(record, runtime=runtime, desired_state=ServiceState.ACTIVE)
@@ -200,8 +209,10 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         server converging on the desired state by itself."""
         timeout = timeout or self.deploy_timeout
         runtime = record.local.runtime_dir
-        store.stage(runtime, config)
         asked = self._asked(record, config, keep_settings)
+        if store.never_started(record):
+            return self._bring_up(store.write(asked), config, timeout)
+        store.stage(runtime, config)
         generation = self._desire(runtime, config, asked)
         pause_point("desired-written", runtime)
         updated = store.write(asked, desired_state=ServiceState.ACTIVE)
@@ -219,8 +230,8 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
             reverted = self._undo(record, config.model_version, generation, str(err))
             store.write(record if reverted else updated, last_error=str(err))
             raise
-        stable = ds.read_stable(runtime) or {}
-        store.prune(runtime, keep={config.model_version, str(stable.get("model_version"))})
+        stable = ds.stable_or_none(runtime)
+        store.prune(runtime, keep={config.model_version, stable.model_version if stable else ""})
         return store.write(updated, last_error=None)
 
     def _asked(
@@ -228,7 +239,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
     ) -> ServiceRecord:
         """The record of `record`'s server serving `config`, with this block's workers and
         settings unless `keep_settings` (its address stays either way)."""
-        history = [*record.history, config.model_version][-20:]
+        history = [*record.history, config.model_version][-ds.HISTORY_LIMIT :]
         update: dict[str, object] = {**config.model_dump(), "history": history}
         if not keep_settings:
             settings = {"server_settings": ServerSettings.of(self)}
@@ -249,15 +260,35 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
 
     def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
         """Start a stopped or dead server with its desired state; a running one that has not
-        converged (`pending`) is woken and waited for."""
+        converged (`pending`) is woken and waited for. First repaired (holding the deploy
+        lock): a server whose first deploy stopped early is brought up; an unreadable desired
+        state is written again from the record; the record is stored as observed."""
         timeout = timeout or self.deploy_timeout
-        want = ds.read_desired(record.local.runtime_dir) or {}
-        generation = int(want.get("generation", 0))
-        if lp.process(record) is None:
-            return self._launch(record, generation, timeout)
-        lp.wake(record)
-        lp.wait_converged(record, generation, timeout)
-        return store.write(record, desired_state=ServiceState.ACTIVE)
+        config = store.config_of(record)
+        with self._lock(config):  # no deploy of this server runs meanwhile
+            record = self.get_model_server(record.uuid)
+            if store.never_started(record):
+                return self._bring_up(record, config, timeout)
+            generation = self._repair_desired(record)
+            if lp.process(record) is None:
+                return self._launch(record, generation, timeout)
+            lp.wake(record)
+            lp.wait_converged(record, generation, timeout)
+            return store.write(record, desired_state=ServiceState.ACTIVE)
+
+    def _repair_desired(self, record: ServiceRecord) -> int:
+        """The desired state's generation; when `current.json` is unreadable, rewritten first
+        from the record (the version it names, its workers and settings)."""
+        runtime = record.local.runtime_dir
+        try:
+            want = ds.read_desired(runtime)
+        except StateFileError:
+            want = None
+        if want is not None:
+            return want.generation
+        config = store.config_of(record)
+        store.stage(runtime, config)
+        return self._desire(runtime, config, record)
 
     def _stop(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
         lp.terminate(record, timeout or self.stop_timeout)
@@ -270,18 +301,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         shutil.rmtree(record.local.runtime_dir, ignore_errors=True)
 
     def _logs(self, record: ServiceRecord, tail: int | None) -> list[str]:
-        path = record.local.log_path
-        if not path.exists():
-            return []
-        lines = path.read_text(errors="replace").splitlines()
-        return lines[-tail:] if tail else lines
+        return lp.log_lines(record.local.log_path, tail)
 
     def _follow(self, record: ServiceRecord) -> Iterator[str]:
-        with open(record.local.log_path, errors="replace") as handle:
-            handle.seek(0, 2)
-            while True:
-                line = handle.readline()
-                if line:
-                    yield line.rstrip("\n")
-                else:
-                    time.sleep(0.25)
+        return lp.follow_log(record.local.log_path)

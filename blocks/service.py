@@ -60,6 +60,20 @@ class Observed(BaseModel):
         default_factory=dict,
         description="Rows the prediction log has written and dropped (buffer full or errors).",
     )
+    prediction_log_dropped: dict[str, int] = Field(
+        default_factory=dict, description="Rows the prediction log dropped, by reason."
+    )
+    prediction_log_error: str | None = Field(
+        default=None,
+        description="Why the prediction log cannot be written now (disk full, read-only), and "
+        "what the workers do meanwhile; None while it is written.",
+    )
+    state_differs: list[str] = Field(
+        default_factory=list,
+        description="Where the stored record and what the server's own files and processes say "
+        "differ (an interrupted deploy, an unreadable state file), and what repairs it; "
+        "`ctcd models start` and the next deploy repair each before they act.",
+    )
     settings_differ: list[str] = Field(
         default_factory=list,
         description="Where the deployer block that made this server now asks for something "

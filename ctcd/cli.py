@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -43,6 +43,13 @@ def _deployer(name: str | None):  # type: ignore[no-untyped-def]
     return load_deployer(name)
 
 
+def _notes(*records: Any) -> None:
+    """Say on stderr where a record and its server differ (`state_differs`), and the fix."""
+    for record in records:
+        for line in record.observed.state_differs:
+            typer.echo(f"Note: server {record.uuid[:8]}: {line}", err=True)
+
+
 def _get(uuid: str, deployer: str | None):  # type: ignore[no-untyped-def]
     try:
         return _deployer(deployer).get_model_server(uuid)
@@ -74,6 +81,7 @@ def list_models(
             r.model_name, r.model_version, r.pipeline_name, r.step_name, r.prediction_url,
         )  # fmt: skip
     console.print(table if records else "No model servers.")
+    _notes(*records)
 
 
 def _owner(record, deployer: str | None):  # type: ignore[no-untyped-def]
@@ -99,8 +107,13 @@ def describe(
     if as_json:
         typer.echo(json.dumps(record.summary(), indent=2))
         return
+    from rich.markup import escape
+
     for key, value in record.summary().items():
-        console.print(f"[bold]{key:>16}[/]  {value}", highlight=False)
+        many = key in ("state_differs", "settings_differ") and value  # one per line
+        for n, line in enumerate(value if many else [value]):
+            label = f"[bold]{key:>22}[/]" if n == 0 else " " * 22
+            console.print(f"{label}  {escape(str(line))}", highlight=False, soft_wrap=True)
 
 
 @models.command()
@@ -111,23 +124,32 @@ def url(uuid: str, deployer: DeployerOpt = None) -> None:
 
 @models.command()
 def start(uuid: str, deployer: DeployerOpt = None) -> None:
-    """Start a stopped or crashed server on its recorded URL."""
-    record = _get(uuid, deployer)
+    """Start a stopped or crashed server on its recorded URL; first repair where its record
+    and its own files differ (`ctcd models describe`: state_differs)."""
+    before = _get(uuid, deployer)
     try:
-        record = _deployer(deployer).start_model_server(record.uuid)
+        record = _deployer(deployer).start_model_server(before.uuid)
     except CtcdError as err:
         _fail(str(err))
     typer.echo(
         f"{record.status.value}: {record.model_name} v{record.model_version} "
         f"at {record.prediction_url}"
     )
+    for line in before.observed.state_differs:
+        if line not in record.observed.state_differs:
+            typer.echo(f"Repaired: {line.split(';')[0]}", err=True)
+    _notes(record)
 
 
 @models.command()
 def stop(uuid: str, deployer: DeployerOpt = None) -> None:
     """Stop a server (reversible with `ctcd models start`)."""
-    record = _deployer(deployer).stop_model_server(_get(uuid, deployer).uuid)
+    try:
+        record = _deployer(deployer).stop_model_server(_get(uuid, deployer).uuid)
+    except CtcdError as err:
+        _fail(str(err))
     typer.echo(f"{record.status.value}: {record.uuid}")
+    _notes(record)
 
 
 @models.command()
@@ -144,9 +166,13 @@ def delete(
     except CtcdError:
         typer.echo(f"Not found: {uuid} (nothing to delete)")
         return
+    _notes(record)
     if not yes and not typer.confirm(f"Delete server {record.uuid}?"):
         _fail("not confirmed")
-    dep.delete_model_server(record.uuid)
+    try:
+        dep.delete_model_server(record.uuid)
+    except CtcdError as err:
+        _fail(str(err))
     typer.echo(f"Deleted {record.uuid}")
 
 
@@ -188,6 +214,7 @@ def logs(
 ) -> None:
     """Print the server's log."""
     record = _get(uuid, deployer)
+    _notes(record)
     dep = _deployer(deployer)
     for line in dep.get_logs(record.uuid, tail):
         typer.echo(line)

@@ -143,6 +143,15 @@ class LocalApiError(CtcdError, RuntimeError):
         )
 
 
+class StateFileError(CtcdError, ValueError):
+    """A state file ctcd keeps (a server's record, its desired state, ...) cannot be read or
+    does not hold what it must: names the file, what is wrong with it, and what to do."""
+
+    def __init__(self, path: object, problem: str, fix: str) -> None:
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"{path} is unreadable: {problem}. {fix}")
+
+
 class DeployError(CtcdError, RuntimeError):
     """`make deploy` could not apply prefect.yaml (nothing was applied when it says so)."""
 

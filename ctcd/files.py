@@ -15,7 +15,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from ctcd.exceptions import StateFileError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @contextmanager
@@ -61,6 +67,35 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def read_model(path: Path, model: type[M], fix: str) -> M | None:
+    """The file's JSON as a `model`, validated; None if the file does not exist. A file that
+    cannot be read, is not JSON or does not hold a valid `model` raises `StateFileError`
+    naming the file, what is wrong and `fix` (what to do)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise StateFileError(path, f"it cannot be read ({err})", fix) from err
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as err:
+        raise StateFileError(path, _problems(err), fix) from err
+
+
+def _problems(err: ValidationError) -> str:
+    """What a validation error says is wrong, in a line: the first few fields and why."""
+    found = []
+    for error in err.errors()[:3]:
+        if error["type"] == "json_invalid":
+            found.append(f"it is not valid JSON ({error['msg'].removeprefix('Invalid JSON: ')})")
+            continue
+        where = ".".join(str(part) for part in error["loc"]) or "its content"
+        found.append(f"{where}: {error['msg'].lower()}")
+    more = err.error_count() - len(found)
+    return "; ".join(found) + (f" (and {more} more)" if more > 0 else "")
+
+
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive `flock` on `path` (created if missing) for the block. Other processes
@@ -68,3 +103,18 @@ def locked(path: Path) -> Iterator[None]:
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some process holds the `flock` of `locked(path)` now (a probe: it takes and
+    drops the lock at once when it is free)."""
+    try:
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False

@@ -19,6 +19,7 @@ from pathlib import Path
 PAUSE_ENV = "CTCD_TEST_PAUSE"
 LOAD_DELAY_ENV = "CTCD_TEST_LOAD_DELAY_S"
 STEPS = (
+    "staging",  # a deploy downloaded a model copy, before moving it into place
     "desired-written",  # a deploy wrote the desired state, before it waits for the swap
     "worker-announced",  # a deploy saw a new worker announce the desired version
     "worker-leaving",  # a deploy saw an old worker told to leave

@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import pytest
 
-from blocks import DeploymentConfig, MLflowModelDeployer, ServiceRecord
+from blocks import MLflowModelDeployer, ServiceRecord
 from blocks import local_process as lp
 from ctcd.exceptions import ModelServerError
 from ctcd.loadgen import Load
+from tests.interrupt import deploy_killed_at, eventually
 
 pytestmark = pytest.mark.server
 
@@ -41,43 +37,12 @@ def _example(record: ServiceRecord) -> bytes:
     return (folder / "serving_input_example.json").read_bytes()
 
 
-def _eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
-
-
 def versions_answered(record: ServiceRecord, calls: int = 60) -> Counter[str]:
     """The versions 60 `/metadata` calls on fresh connections were answered with."""
     url = record.prediction_url.replace("/invocations", "/metadata")
     fresh = httpx.Limits(max_keepalive_connections=0)  # a new connection for every call
     with httpx.Client(limits=fresh, timeout=10) as client:
         return Counter(str(client.get(url).json()["model_version"]) for _ in range(calls))
-
-
-def _deploy_and_pause(config: DeploymentConfig, step: str, runtime: Path) -> None:
-    """Deploy `config` from a fresh process told to stop at `step`; SIGKILL it there."""
-    code = (
-        "from blocks import MLflowModelDeployer, DeploymentConfig;"
-        f"c = DeploymentConfig.model_validate_json({config.model_dump_json()!r});"
-        f"MLflowModelDeployer(workers={WORKERS}).deploy_model(c)"
-    )
-    marker = runtime / f"paused-{step}"
-    marker.unlink(missing_ok=True)
-    env = os.environ | {"CTCD_TEST_PAUSE": step}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
-    try:
-        _eventually(lambda: marker.exists() or proc.poll() is not None, 180, f"pause at {step}")
-        assert proc.poll() is None, f"the deploy ended before {step}: {proc.stderr.read()!r}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def _settled(deployer: MLflowModelDeployer, uuid: str, version: str) -> ServiceRecord | None:
@@ -107,7 +72,8 @@ def test_deploys_killed_at_each_step_converge_with_no_failed_request(
     with Load(record.prediction_url, _example(record), clients=4) as load:
         for step, label in steps:
             version = versions[label].model_version
-            _deploy_and_pause(versions[label], step, runtime)
+            deployer_code = f"MLflowModelDeployer(workers={WORKERS})"
+            assert deploy_killed_at(versions[label], step, runtime.parent, deployer_code) == runtime
             seen = lp.observe_workers(record)
             if step == "desired-written":  # killed before any worker serves the new version
                 assert all(v != version for _, v, _ in seen), (step, seen)
@@ -115,7 +81,7 @@ def test_deploys_killed_at_each_step_converge_with_no_failed_request(
                 assert any(v == version for _, v, _ in seen), (step, seen)
             # the record is readable and already names the version being swapped in
             assert deployer.get_model_server(record.uuid).model_version == version
-            settled = _eventually(
+            settled = eventually(
                 lambda v=version: _settled(deployer, record.uuid, v),
                 CONVERGE_S,
                 f"{WORKERS} workers all serving version {version} after a kill at {step}",
@@ -149,7 +115,7 @@ def test_master_killed_mid_swap_is_down_and_start_restores_the_recorded_version(
 
     swap = threading.Thread(target=deploy)
     swap.start()
-    _eventually((runtime / "paused-master-retired").exists, 180, "the master retiring a worker")
+    eventually((runtime / "paused-master-retired").exists, 180, "the master retiring a worker")
     children = lp.workers(record)
     assert len(children) == WORKERS + 1  # mid-swap: two old workers (one leaving), a new one
     os.kill(int(record.local.pid or 0), signal.SIGKILL)

@@ -6,9 +6,11 @@ Speaks MLflow's scoring protocol (`/invocations`, `/ping`, `/health`, `/version`
 A worker loads the model `current.json` names and scores its input example before it accepts
 a connection. If that fails it serves the one `stable.json` names instead (and says so in the
 log), so a bad model never takes traffic and never makes a worker fail to boot (gunicorn's
-master would stop). Once loaded, it announces itself in `workers/<pid>.json`: the version it
-serves, the generation of `current.json` it read, and whether it fell back. The master
-(`ctcd.serving.master`) retires an old worker only after a new one has announced itself.
+master would stop). A worker that cannot read `current.json` (garbled, deleted) serves what
+`stable.json` names, as the workers already running do. Once loaded, it announces itself in
+`workers/<pid>.json`: the version it serves, the generation of `current.json` it read, and
+whether it fell back. The master (`ctcd.serving.master`) retires an old worker only after a
+new one has announced itself.
 
 Requests are scored through `ctcd.serving.batching`: MLflow's own `invocations` handles each
 request, and concurrent requests' rows are scored together in one `predict` call. The served
@@ -35,6 +37,7 @@ import pandas as pd
 from fastapi.responses import JSONResponse
 from mlflow.pyfunc import PyFuncModel, load_model, scoring_server
 
+from ctcd.exceptions import StateFileError
 from ctcd.files import write_json
 from ctcd.seams import load_delay
 from ctcd.serving import desired as ds
@@ -47,10 +50,20 @@ from ctcd.serving.settings import ServerSettings
 SERVICE_DIR = Path(os.environ["CTCD_SERVICE_DIR"])
 
 
+def _desired() -> tuple[ds.DesiredState | None, str | None]:
+    """The desired state, or None and why it cannot be read (missing or garbled)."""
+    try:
+        current = ds.read_desired(SERVICE_DIR)
+    except StateFileError as err:
+        return None, str(err)
+    return current, None if current else f"{SERVICE_DIR / ds.CURRENT} is missing"
+
+
 def _settings() -> ServerSettings:
-    """The settings the desired state names (else `CTCD_*` variables, else the defaults)."""
-    current = ds.read_desired(SERVICE_DIR) or {}
-    return ServerSettings(**current.get("settings") or {})
+    """The settings the desired state names (those the stable model ran with while it cannot
+    be read; else `CTCD_*` variables, else the defaults)."""
+    current = _desired()[0] or ds.stable_or_none(SERVICE_DIR)
+    return ServerSettings(**(current.settings if current and current.settings else {}))
 
 
 SETTINGS = _settings()
@@ -68,40 +81,57 @@ def _load_checked(path: str) -> PyFuncModel:
     return loaded
 
 
-def _load() -> tuple[dict[str, Any], PyFuncModel, dict[str, Any]]:
+def _load() -> tuple[ds.ServedModel, PyFuncModel, dict[str, Any]]:
     """(what it serves, the model, its announcement)"""
-    current = ds.read_desired(SERVICE_DIR)
+    current, problem = _desired()
     if current is None:
-        raise RuntimeError(f"{SERVICE_DIR / ds.CURRENT} is missing or unreadable")
-    said = {"pid": os.getpid(), "generation": current.get("generation"), "fallback": False,
-            "settings_id": current.get("settings_id")}  # fmt: skip
+        return _hold(str(problem))
+    said = {"pid": os.getpid(), "generation": current.generation, "fallback": False,
+            "settings_id": current.settings_id}  # fmt: skip
     try:
-        return current, _load_checked(current["model_path"]), said
+        return current, _load_checked(current.model_path), said
     except Exception as err:
-        stable = ds.read_stable(SERVICE_DIR)
+        stable = ds.stable_or_none(SERVICE_DIR)
         if stable is None:
             raise
-        print(
-            f"[ctcd] worker {os.getpid()}: version {current['model_version']} failed to load "
-            "or to score its input example; serving the previous version instead",
-            file=sys.stderr,
+        _say(
+            f"version {current.model_version} failed to load or to score its input example; "
+            "serving the previous version instead"
         )
         traceback.print_exc()
         said |= {"fallback": True, "error": f"{type(err).__name__}: {err}"[:500]}
-        return stable, _load_checked(stable["model_path"]), said
+        return stable, _load_checked(stable.model_path), said
 
 
-def _announce(serving: dict[str, Any], said: dict[str, Any]) -> None:
+def _hold(problem: str) -> tuple[ds.ServedModel, PyFuncModel, dict[str, Any]]:
+    """The desired state cannot be read: serve the stable model (what the other workers
+    serve). With none, leave quietly (exit status 1, not gunicorn's boot error, which would
+    stop the master); the master starts no worker until the state is readable again."""
+    stable = ds.stable_or_none(SERVICE_DIR)
+    if stable is None:
+        _say(f"{problem}; there is no stable version to serve instead: this worker leaves")
+        sys.exit(1)
+    _say(f"{problem}; serving version {stable.model_version}, the stable one, instead")
+    said = {"pid": os.getpid(), "generation": stable.generation, "fallback": False,
+            "settings_id": stable.settings_id, "held": True}  # fmt: skip
+    return stable, _load_checked(stable.model_path), said
+
+
+def _say(message: str) -> None:
+    print(f"[ctcd] worker {os.getpid()}: {message}", file=sys.stderr, flush=True)
+
+
+def _announce(serving: ds.ServedModel, said: dict[str, Any]) -> None:
     folder = SERVICE_DIR / ds.WORKERS
     folder.mkdir(exist_ok=True)
-    write_json(folder / f"{os.getpid()}.json", said | {"model_version": serving["model_version"]})
+    write_json(folder / f"{os.getpid()}.json", said | {"model_version": serving.model_version})
     master = int(os.environ.get("CTCD_MASTER_PID", "0"))
     if master and os.getppid() == master:  # wake the master: it acts on announcements
         os.kill(master, signal.SIGWINCH)
 
 
 SERVING, model, _SAID = _load()
-predictions = PredictionLog(SERVICE_DIR, SERVING["model_version"], SETTINGS)
+predictions = PredictionLog(SERVICE_DIR, SERVING.model_version, SETTINGS)
 atexit.register(predictions.close)
 scorer = BatchingModel(model, SETTINGS, log=predictions)
 app = scoring_server.init(scorer)  # type: ignore[arg-type]
@@ -135,7 +165,7 @@ async def metadata() -> JSONResponse:
     } | scorer.counts
     extra = {"worker_pid": os.getpid(), "model_threads": SETTINGS.model_threads,
              "batching": batching, "settings": SETTINGS.model_dump(mode="json")}  # fmt: skip
-    return JSONResponse({key: SERVING[key] for key in keys} | extra)
+    return JSONResponse(SERVING.model_dump(include=set(keys)) | extra)
 
 
 _announce(SERVING, _SAID)

@@ -1,37 +1,135 @@
 """A local model server's desired state and its workers' announcements (files in its runtime
 folder, shared by the deploying process, the gunicorn master and the workers).
 
-- `current.json`, the desired state: the model every worker should serve (name, version, URI,
-  the path of its local copy), how many workers, and a `generation` that grows with every
-  change. A deploy writes it first (atomically, fsynced) and then only waits; the master
-  (`ctcd.serving.master`) converges the workers to it on every loop tick.
-- `stable.json`: the last model all workers served at once (written by the master). A worker
-  whose model fails to load or to score its input example serves this one instead.
+- `current.json`, the desired state (`DesiredState`): the model every worker should serve
+  (name, version, URI, the path of its local copy, the pipeline and step that asked), how many
+  workers, their settings, and a `generation` that grows with every change. A deploy writes it
+  first (atomically, fsynced) and then only waits; the master (`ctcd.serving.master`)
+  converges the workers to it on every loop tick.
+- `stable.json` (`StableState`): the last model all workers served at once (written by the
+  master), the generation it converged on, and `history`, every version the server converged
+  on, oldest first: what it really served, whatever happened to the process that asked. A
+  worker whose model fails to load or to score its input example serves this one instead.
 - `workers/<pid>.json`: a worker's announcement once its model is loaded: the version it
   serves, the generation it read, and whether it fell back (with the error).
 - `workers/<pid>.leaving`: the master told that worker to leave (it drains, then exits).
+
+Both state files are read here only, validated: a garbled one raises `StateFileError` naming
+the file, what is wrong and what repairs it.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any
 
-from ctcd.files import locked, read_json, write_json
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ctcd.exceptions import StateFileError
+from ctcd.files import locked, read_json, read_model, write_json
 from ctcd.serving.settings import ServerSettings
 
 CURRENT = "current.json"
 STABLE = "stable.json"
 WORKERS = "workers"
-MODEL_KEYS = (
-    "uuid", "model_name", "model_version", "model_uri", "model_path", "run_id", "flow_run_id",
-)  # fmt: skip
+HISTORY_LIMIT = 20  # versions a server's history keeps (the record's and stable.json's)
 
 
-def read_desired(runtime: Path) -> dict[str, Any] | None:
-    return read_json(runtime / CURRENT)
+def _as_text(value: Any) -> Any:
+    """Versions are text; a number written by hand is read as its text."""
+    return str(value) if isinstance(value, int) else value
+
+
+class ServedModel(BaseModel):
+    """A model a server serves, or should: what `current.json` and `stable.json` name."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    uuid: str | None = None
+    model_name: str
+    model_version: str
+    model_uri: str
+    model_path: str = Field(description="The version's copy in the runtime folder.")
+    pipeline_name: str | None = None
+    step_name: str | None = None
+    run_id: str | None = None
+    flow_run_id: str | None = None
+
+    _version = field_validator("model_version", mode="before")(_as_text)
+
+    def served(self) -> ServedModel:
+        """Only the model's fields (what a state file names as the model)."""
+        return ServedModel.model_validate(self.model_dump(include=set(ServedModel.model_fields)))
+
+
+class Rejected(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model_version: str
+    reason: str
+
+    _version = field_validator("model_version", mode="before")(_as_text)
+
+
+class DesiredState(ServedModel):
+    """`current.json`: what the server must serve, with how many workers and which settings."""
+
+    workers: int = Field(ge=1)
+    generation: int = Field(ge=0)
+    written_at: float | None = None
+    settings: dict[str, Any] | None = None
+    settings_id: str | None = None
+    rejected: Rejected | None = None
+
+
+class StableState(ServedModel):
+    """`stable.json`: the last model all workers served at once, and every version served."""
+
+    generation: int | None = Field(
+        default=None, description="The desired state's generation it converged on (None: an "
+        "older ctcd wrote it)."
+    )  # fmt: skip
+    settings: dict[str, Any] | None = None
+    settings_id: str | None = None
+    history: list[str] | None = Field(
+        default=None, description="Every version converged on, oldest first (None: unknown)."
+    )
+
+
+def _fix(runtime: Path, name: str) -> str:
+    if name == CURRENT:
+        short = runtime.name[:8]
+        return (
+            "The server keeps serving what its workers serve (the version stable.json names); "
+            f"`ctcd models start {short}` (or the next deploy) rewrites it from the server's "
+            "record (service.json)"
+        )
+    return (
+        "The server's master writes it again once its workers next all serve the desired "
+        "version (the history in its record, service.json, stands meanwhile); until then a "
+        "worker whose new version fails to load has no version to fall back on"
+    )
+
+
+def read_desired(runtime: Path) -> DesiredState | None:
+    """The desired state; None if there is none yet. Raises `StateFileError` if garbled."""
+    return read_model(runtime / CURRENT, DesiredState, _fix(runtime, CURRENT))
+
+
+def read_stable(runtime: Path) -> StableState | None:
+    """The model all workers served at once last (None before the first time). Raises
+    `StateFileError` if garbled."""
+    return read_model(runtime / STABLE, StableState, _fix(runtime, STABLE))
+
+
+def stable_or_none(runtime: Path) -> StableState | None:
+    """`read_stable`, a garbled file read as none (for those who can only fall back on it)."""
+    try:
+        return read_stable(runtime)
+    except StateFileError:
+        return None
 
 
 def _locked(runtime: Path) -> AbstractContextManager[None]:
@@ -39,75 +137,132 @@ def _locked(runtime: Path) -> AbstractContextManager[None]:
     return locked(runtime / ".current.lock")
 
 
+def _last_generation(runtime: Path) -> tuple[int, DesiredState | None]:
+    """The generation `current.json` has, and the file; when it is garbled, the highest
+    generation the master or a worker has seen (so a rewrite still moves forward)."""
+    try:
+        now = read_desired(runtime)
+    except StateFileError:
+        stable = stable_or_none(runtime)
+        seen = [stable.generation or 0] if stable else []
+        folder = runtime / WORKERS
+        for path in folder.glob("*.json") if folder.is_dir() else []:
+            with suppress(TypeError, ValueError):
+                seen.append(int((read_json(path) or {}).get("generation") or 0))
+        return max(seen, default=0), None
+    return (now.generation if now else 0), now
+
+
 def set_desired(
     runtime: Path,
-    model: dict[str, Any],
+    model: ServedModel,
     workers: int,
     expect_generation: int | None = None,
-    rejected: dict[str, Any] | None = None,
+    rejected: Rejected | None = None,
     settings: ServerSettings | None = None,
 ) -> int | None:
     """Write the desired state with the next generation and return that generation. With
     `expect_generation`, write only if the file still has that generation (else None).
-    `settings` (the workers' `ServerSettings`) default to those the file has now."""
+    `settings` (the workers' `ServerSettings`) default to those the file has now. A garbled
+    file is replaced (the next generation follows the highest one seen)."""
     with _locked(runtime):
-        now = read_desired(runtime) or {}
-        generation = int(now.get("generation", 0))
-        if expect_generation is not None and generation != expect_generation:
+        generation, now = _last_generation(runtime)
+        if expect_generation is not None and (now is None or generation != expect_generation):
             return None
-        data = {key: model.get(key) for key in MODEL_KEYS}
+        data = model.served().model_dump(mode="json")
         data |= {"workers": workers, "generation": generation + 1, "written_at": time.time()}
         if settings is not None:
             data |= {
                 "settings": settings.model_dump(mode="json"),
                 "settings_id": settings.fingerprint(),
             }
-        elif "settings" in now:
-            data |= {"settings": now["settings"], "settings_id": now.get("settings_id")}
+        elif now is not None and now.settings is not None:
+            data |= {"settings": now.settings, "settings_id": now.settings_id}
         if rejected:
-            data["rejected"] = rejected
+            data["rejected"] = rejected.model_dump(mode="json")
         write_json(runtime / CURRENT, data, durable=True)
         return generation + 1
 
 
-def serves(said: dict[str, Any], want: dict[str, Any]) -> bool:
+def serves(said: dict[str, Any], want: DesiredState) -> bool:
     """Whether a worker's announcement is what the desired state asks: its version, and its
     settings when the desired state names them."""
-    same_settings = not want.get("settings_id") or said.get("settings_id") == want["settings_id"]
-    return str(said.get("model_version")) == str(want.get("model_version")) and same_settings
+    same_settings = not want.settings_id or said.get("settings_id") == want.settings_id
+    return str(said.get("model_version")) == want.model_version and same_settings
 
 
-def served(said: dict[str, Any], want: dict[str, Any]) -> str:
+def served(said: dict[str, Any], want: DesiredState | None) -> str:
     """What a worker serves, for observers: its version, marked when its settings are not the
     desired ones (such a worker is replaced like one of another version)."""
     version = str(said.get("model_version"))
-    if version == str(want.get("model_version")) and not serves(said, want):
+    if want is not None and version == want.model_version and not serves(said, want):
         return f"{version} (previous settings)"
     return version
 
 
-def read_stable(runtime: Path) -> dict[str, Any] | None:
-    """The model all workers served at once last (None before the first time)."""
-    return read_json(runtime / STABLE)
+def write_stable(runtime: Path, want: DesiredState) -> None:
+    """Record that every worker serves `want` now: the model, its generation, and the version
+    appended to the history unless it was the last one served. A history that is unknown (an
+    unreadable `stable.json`, or one an older ctcd wrote) stays unknown: the record's holds."""
+    history: list[str] | None = []
+    try:
+        before = read_stable(runtime)
+    except StateFileError:
+        before, history = None, None
+    if before is not None:
+        history = None if before.history is None else list(before.history)
+    if history is not None and (not history or history[-1] != want.model_version):
+        history = [*history, want.model_version][-HISTORY_LIMIT:]
+    data = want.served().model_dump(mode="json") | {
+        "generation": want.generation,
+        "settings": want.settings,
+        "settings_id": want.settings_id,
+        "history": history,
+    }
+    if before is None or before.model_dump(mode="json") != data:
+        write_json(runtime / STABLE, data, durable=True)
 
 
-def write_stable(runtime: Path, model: dict[str, Any]) -> None:
-    data = {key: model.get(key) for key in MODEL_KEYS}
-    if {key: (read_stable(runtime) or {}).get(key) for key in MODEL_KEYS} != data:
+def seed_history(runtime: Path, history: list[str]) -> None:
+    """Give a `stable.json` written by an older ctcd (no history) the history the server's
+    record kept, so the master's own history starts from it. Only while no master runs."""
+    stable = stable_or_none(runtime)
+    if stable is not None and stable.history is None and history:
+        data = stable.model_dump(mode="json") | {"history": history[-HISTORY_LIMIT:]}
         write_json(runtime / STABLE, data, durable=True)
 
 
 def revert_to_stable(
-    runtime: Path, workers: int, generation: int, version: object, reason: str
+    runtime: Path, workers: int, generation: int, version: str, reason: str
 ) -> int | None:
     """Set the desired state back to the stable model, naming `version` as rejected and why,
     if the desired state is still at `generation` (compare-and-swap); the new generation, or
     None when nothing was written (no stable model yet, or the state moved on)."""
-    stable = read_stable(runtime)
+    stable = stable_or_none(runtime)
     if stable is None:
         return None
-    rejected = {"model_version": version, "reason": reason}
+    rejected = Rejected(model_version=version, reason=reason)
     return set_desired(runtime, stable, workers, generation, rejected)
+
+
+def holding_state(runtime: Path, workers: int) -> DesiredState | None:
+    """What a server serves while its desired state is unreadable: the stable model on the
+    workers it runs (None when it has never converged)."""
+    stable = stable_or_none(runtime)
+    if stable is None:
+        return None
+    return DesiredState(
+        **stable.served().model_dump(), workers=max(workers, 1),
+        generation=stable.generation or 0, settings=stable.settings,
+        settings_id=stable.settings_id,
+    )  # fmt: skip
+
+
+def master_recorded(runtime: Path, generation: int) -> bool:
+    """Whether the master has recorded converging on `generation` (in `stable.json`); a
+    `stable.json` of an older ctcd's master (no generation) counts once it exists."""
+    stable = stable_or_none(runtime)
+    return stable is not None and (stable.generation is None or stable.generation >= generation)
 
 
 # What a server's workers were seen doing, oldest first: (pid, the version it announced or
@@ -115,10 +270,10 @@ def revert_to_stable(
 Seen = list[tuple[int, str | None, bool]]
 
 
-def converged(seen: Seen, want: dict[str, Any]) -> bool:
+def converged(seen: Seen, want: DesiredState) -> bool:
     """Whether exactly the desired number of workers run, all serving the desired version."""
-    return len(seen) == int(want.get("workers", 1)) and all(
-        version == str(want["model_version"]) and not leaving for _, version, leaving in seen
+    return len(seen) == want.workers and all(
+        version == want.model_version and not leaving for _, version, leaving in seen
     )
 
 

@@ -12,8 +12,15 @@ written under a temporary name and renamed into place, so a reader never sees a 
 whatever happens to the worker. Recording costs the request an append under a lock; when the
 buffer holds `buffer_rows` rows, further rows are dropped and counted, never waited for. A
 worker that leaves (a swap, a stop) writes what it holds first; one that is killed loses at most
-what it buffered since its last flush. The counts (rows written, rows dropped) are in
-`predictions/_stats/<pid>-<start>.json`; `ctcd models describe` adds them up.
+what it buffered since its last flush. The counts (rows written, rows dropped by reason) are
+in `predictions/_stats/<pid>-<start>.json` (`ctcd.serving.logstats`); `ctcd models describe`
+adds them up.
+
+A write the disk refuses (full, read-only, no permission) stops nothing: the writer keeps the
+rows it holds and tries again at every flush, so logging resumes by itself once the disk
+takes writes again; meanwhile new rows beyond the buffer are dropped and counted under the
+error, and `ctcd models describe` shows the error (`prediction_log_error`). A leaving worker
+that cannot write its buffer counts those rows as dropped, with the error.
 
 Only what was scored is recorded: not headers, not refused requests, never credentials; nor
 the deploy's own check of a new server (its request id starts with `ctcd-probe-`).
@@ -36,11 +43,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ctcd.files import read_json, replacing, write_json
+from ctcd.files import replacing
+from ctcd.serving import logstats
+from ctcd.serving.logstats import FOLDER, STATS, read_stats
 from ctcd.serving.settings import ServerSettings
 
-FOLDER = "predictions"
-STATS = "_stats"
+__all__ = ["FOLDER", "STATS", "PredictionLog", "read_log", "read_stats"]
+FULL = "buffer full"
 # (time, request id, column names, input rows, predictions)
 Entry = tuple[float, str, tuple[str, ...], np.ndarray, np.ndarray]
 
@@ -81,7 +90,10 @@ class PredictionLog:
         self._buffer: deque[Entry] = deque()
         self._rows = 0
         self.dropped = 0
+        self.reasons: dict[str, int] = {}  # rows dropped, by reason
         self.written = 0
+        self.error: str | None = None  # the write error being retried now
+        self.error_since: float | None = None
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
         self._sequence = 0
@@ -89,7 +101,8 @@ class PredictionLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if settings.prediction_log:
-            (self.folder / STATS).mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):  # a full disk must not stop a worker's boot
+                (self.folder / STATS).mkdir(parents=True, exist_ok=True)
             self._thread = threading.Thread(target=self._run, name="ctcd-predlog", daemon=True)
             self._thread.start()
 
@@ -102,7 +115,8 @@ class PredictionLog:
         rows = len(frame)
         with self._lock:
             if self._rows + rows > self.settings.log_buffer_rows:
-                self.dropped += rows
+                error = self.error
+                self._count(rows, f"buffer full while writes fail ({error})" if error else FULL)
                 return
             self._rows += rows
         try:
@@ -111,62 +125,120 @@ class PredictionLog:
         except Exception:  # not something we can store: count it, never fail the request
             with self._lock:
                 self._rows -= rows
-                self.dropped += rows
+                self._count(rows, "not storable (its rows or predictions are not an array)")
             return
         entry = (time.time(), request_id, tuple(map(str, frame.columns)), values, predicted)
         self._buffer.append(entry)
 
+    def _count(self, rows: int, reason: str) -> None:
+        """Count `rows` as dropped for `reason` (the caller holds `_lock`)."""
+        self.dropped += rows
+        if reason not in self.reasons and len(self.reasons) >= logstats.REASONS:
+            reason = "other"
+        self.reasons[reason] = self.reasons.get(reason, 0) + rows
+
     # -- the writer thread ----------------------------------------------------------------
     def _run(self) -> None:
+        """Write every `log_flush_s` until the worker leaves. Nothing ends this thread: a
+        write that fails is retried at the next flush (see `flush`)."""
         retained = time.monotonic()
         while not self._stop.wait(self.settings.log_flush_s):
             # Retention lists every file of the log: about once a minute is enough.
             due = time.monotonic() - retained >= 60
-            self.flush(retain=due)
+            try:
+                self.flush(retain=due)
+            except Exception as err:  # a bug or a surprise: say it, keep the thread alive
+                self._failed(err)
             retained = time.monotonic() if due else retained
 
     def close(self) -> None:
-        """Write what is buffered and stop the writer (a worker leaving)."""
+        """Write what is buffered and stop the writer (a worker leaving). What cannot be
+        written now is dropped and counted, with the reason."""
         self._stop.set()
-        self.flush()
+        try:
+            self.flush(final=True)
+        except Exception as err:
+            self._failed(err)
 
-    def flush(self, retain: bool = True) -> None:
-        """Write what is buffered (and, with `retain`, apply `max_bytes`)."""
+    def flush(self, retain: bool = True, final: bool = False) -> None:
+        """Write what is buffered (and, with `retain`, apply `max_bytes`). Rows that cannot be
+        written for lack of space or permission stay buffered for the next flush (new rows
+        are dropped and counted while the buffer is full), or, when `final`, are dropped and
+        counted with the error."""
         if not self.settings.prediction_log:
             return
         with self._flushing:
             entries = []
             while self._buffer:
                 entries.append(self._buffer.popleft())
-            if entries:
-                with self._lock:
-                    self._rows -= sum(len(e[3]) for e in entries)
-                self._write(entries)
+            unwritten = self._write(entries) if entries else []
+            if unwritten and not final:
+                self._buffer.extendleft(reversed(unwritten))
+            with self._lock:
+                self._rows -= sum(len(e[3]) for e in entries)
+                if unwritten and not final:
+                    self._rows += sum(len(e[3]) for e in unwritten)
+                elif unwritten:
+                    rows = sum(len(e[3]) for e in unwritten)
+                    self._count(rows, f"not written before the worker left ({self.error})")
             self._write_stats()
-            if retain:
-                self._retain()
+            if retain and self.error is None:
+                with contextlib.suppress(OSError):
+                    self._retain()
 
-    def _write(self, entries: list[Entry]) -> None:
+    def _write(self, entries: list[Entry]) -> list[Entry]:
+        """Write `entries` as Parquet files (one per hour and columns); the entries not
+        written because the disk refused (full, read-only), to retry."""
         groups: dict[tuple[int, tuple[str, ...]], list[Entry]] = {}
         for entry in entries:  # by hour (formatted once per group below) and columns
             groups.setdefault((int(entry[0] // 3600), entry[2]), []).append(entry)
-        for (hour, columns), group in groups.items():
-            frame = _frame(self.version, columns, group)
-            folder = self.folder / datetime.fromtimestamp(hour * 3600, UTC).strftime(
-                "date=%Y-%m-%d/hour=%H"
-            )
-            folder.mkdir(parents=True, exist_ok=True)
-            self._sequence += 1
-            path = folder / f"{self._name}-{self._sequence:06d}.parquet"
-            with replacing(path) as tmp:
-                frame.to_parquet(tmp, index=False)
-            self.written += len(frame)
+        pending = list(groups.items())
+        for done, ((hour, columns), group) in enumerate(pending):
+            try:
+                self._write_group(hour, columns, group)
+            except OSError as err:
+                self._failed(err)
+                return [entry for _, rest in pending[done:] for entry in rest]
+            except Exception as err:  # rows Parquet cannot hold: dropped, counted
+                with self._lock:
+                    reason = f"not storable as Parquet ({type(err).__name__}: {err})"[:200]
+                    self._count(sum(len(e[3]) for e in group), reason)
+        self._resumed()
+        return []
+
+    def _write_group(self, hour: int, columns: tuple[str, ...], group: list[Entry]) -> None:
+        frame = _frame(self.version, columns, group)
+        folder = self.folder / datetime.fromtimestamp(hour * 3600, UTC).strftime(
+            "date=%Y-%m-%d/hour=%H"
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        self._sequence += 1
+        path = folder / f"{self._name}-{self._sequence:06d}.parquet"
+        with replacing(path) as tmp:
+            frame.to_parquet(tmp, index=False)
+        self.written += len(frame)
+
+    def _failed(self, err: Exception) -> None:
+        error = f"{type(err).__name__}: {err}"[:300]
+        if self.error is None:
+            self.error_since = time.time()
+            logstats.say(f"cannot write ({error}); retrying at every flush")
+        self.error = error
+
+    def _resumed(self) -> None:
+        if self.error is not None:
+            since = time.strftime("%H:%M:%S UTC", time.gmtime(self.error_since or 0))
+            logstats.say(f"writing again (it failed since {since}: {self.error})")
+        self.error = self.error_since = None
 
     def _write_stats(self) -> None:
         stats = {"pid": os.getpid(), "written_rows": self.written, "dropped_rows": self.dropped,
-                 "model_version": self.version, "at": time.time()}  # fmt: skip
-        path = self.folder / STATS / f"{self._name}.json"
-        write_json(path, stats)
+                 "dropped_reasons": dict(self.reasons), "error": self.error,
+                 "error_since": self.error_since, "model_version": self.version,
+                 "at": time.time()}  # fmt: skip
+        with contextlib.suppress(OSError):
+            (self.folder / STATS).mkdir(parents=True, exist_ok=True)
+        logstats.save(self.folder / STATS / f"{self._name}.json", stats)
 
     def _retain(self) -> None:
         """Delete the oldest files while the log is larger than `max_bytes`."""
@@ -205,18 +277,6 @@ def _frame(version: str, columns: tuple[str, ...], group: list[Entry]) -> pd.Dat
             predicted, columns=[f"prediction_{i}" for i in range(predicted.shape[1])]
         )
     return pd.concat([head, frame, outputs], axis=1)
-
-
-def read_stats(runtime: Path) -> dict[str, int]:
-    """Rows written and dropped, summed over the server's workers (past ones included)."""
-    total = {"written_rows": 0, "dropped_rows": 0}
-    for path in (runtime / FOLDER / STATS).glob("*.json"):
-        data = read_json(path)
-        if data is None:
-            continue
-        for key in total:
-            total[key] += int(data.get(key, 0))
-    return total
 
 
 def read_log(runtime: Path | str, since: datetime | None = None) -> pd.DataFrame:
