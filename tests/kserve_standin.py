@@ -35,6 +35,9 @@ runtime's env, and writes the Deployment's rollout status (`ReplicaSetUpdated`, 
 `modelStatus` says `BlockedByFailedLoad` with the pod's termination message, as KServe's
 `PropagateModelStatus` writes from a crash-looping pod.
 
+With no venvs (`sdk_venv=None, mlserver_venv=None`, tests of API permissions only, as the
+Seldon stand-in's `venv=None`) no pod runs: a rollout completes as soon as it is observed.
+
 `StandInIngress` maps `{url}/serving/{namespace}/{name}/...` (KServe's path-based routing,
 `pathTemplate: /serving/{{ .Namespace }}/{{ .Name }}`) to the pod serving that name."""
 
@@ -70,8 +73,8 @@ def _now() -> str:
 class StandInKServeController:
     api: Any  # tests.kube.KubeAPI
     namespace: str
-    sdk_venv: Path
-    mlserver_venv: Path
+    sdk_venv: Path | None  # both None: no pod runs, a rollout completes at once
+    mlserver_venv: Path | None
     work: Path
     ingress: pod.StandInIngress
     pods: dict[str, pod.Pod] = field(default_factory=dict)
@@ -222,6 +225,8 @@ class StandInKServeController:
         self._write_status(kube, isvc, deployment)
         if old is not None and old.template == pod.fingerprint(deployment["spec"]["template"]):
             error = ""  # the previous ReplicaSet scaled back: its pods already serve
+        elif self.mlserver_venv is None:
+            error = ""  # no pods (API permissions only): the rollout completes at once
         else:
             try:
                 error = self._run_pod(kube, name, deployment["spec"]["template"])

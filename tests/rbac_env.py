@@ -173,6 +173,40 @@ def allowed(
     return bool(answer.json()["status"].get("allowed"))
 
 
+def predictor_pod(
+    kube: httpx.Client, node: str, namespace: str, name: str, labels: dict[str, str], container: str
+) -> None:
+    """STAND-IN for the ReplicaSet controller and scheduler: a predictor pod `name` on the
+    stand-in kubelet's `node`, labelled as the serving controller labels its Deployment's pods,
+    with the model container the deployer reads the log of."""
+    pod = {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": container, "image": "model-server"}]},
+    }
+    created = kube.post(f"/api/v1/namespaces/{namespace}/pods", json=pod)
+    assert created.status_code == 201, created.text
+
+
+def clean(kube: httpx.Client, namespace: str, served: str, named: list[str], label: str) -> None:
+    """As admin, after a lifecycle: delete every serving resource (`served`, its collection's
+    URL), the `named` objects (URLs) and the pods labelled `label`; then wait until the stand-in
+    controller has finished with them (a finalizer gone, the Deployments it made, labelled
+    `label`, removed), so the next lifecycle's resource of the same name is a new one to it."""
+    for item in kube.get(served).json()["items"]:
+        kube.delete(f"{served}/{item['metadata']['name']}")
+    for url in named:
+        kube.delete(url)
+    kube.delete(f"/api/v1/namespaces/{namespace}/pods", params={"labelSelector": label, **NOW})
+    deployments = f"/apis/apps/v1/namespaces/{namespace}/deployments"
+    deadline = time.monotonic() + 30
+    while (
+        kube.get(served).json()["items"]
+        or kube.get(deployments, params={"labelSelector": label}).json()["items"]
+    ):
+        assert time.monotonic() < deadline, f"the stand-in controller left {served} or Deployments"
+        time.sleep(0.1)
+
+
 class LogTap(logging.Handler):
     """Keeps every log record of the loggers it is added to (the worker's and kopf's)."""
 

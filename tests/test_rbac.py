@@ -1,7 +1,8 @@
 """deployments/kubernetes/ against the real kube-apiserver (RBAC on): applied with `kubectl apply
 -k` as README says, each service account acting with a token of its own (TokenRequest API):
-- ctcd-flows runs SeldonModelDeployer's whole lifecycle (deploy, update, stop, start, logs,
-  delete) in the flows' namespace and, through serving-namespace/, in another one;
+- ctcd-flows runs each deployer's whole lifecycle (deploy, update, stop, start, logs, delete;
+  KServe's also with a service account the platform team made) in the flows' namespace and,
+  through serving-namespace/, in another one;
 - ctcd-worker does what prefect-kubernetes' worker does for a flow run: the real KubernetesWorker
   creates the Job from the pool's base job template, its observer (started by the worker, kopf)
   follows the Job's pod and reads its log, the worker deletes the Job and the observer crashes
@@ -11,9 +12,10 @@
   naming the Role that grants it);
 - each account is refused what it must not do.
 
-STAND-INS (named in their modules): the Seldon operator (tests/seldon_standin.py, here with no
-pods run: only API permissions are under test), the Job and ReplicaSet controllers' pods (made
-by the test as admin), and a kubelet's log endpoint (tests/rbac_env.KubeletLogs)."""
+STAND-INS (named in their modules): the Seldon operator (tests/seldon_standin.py) and KServe's
+controller (tests/kserve_standin.py), both here with no pods run (only API permissions are under
+test), the Job and ReplicaSet controllers' pods (made by the test as admin), and a kubelet's log
+endpoint (tests/rbac_env.KubeletLogs)."""
 
 from __future__ import annotations
 
@@ -28,26 +30,21 @@ from typing import Any
 import httpx
 import pytest
 from prefect_kubernetes.credentials import KubernetesClusterConfig
-from pydantic import SecretStr
 
-from blocks import DeploymentConfig, ObjectStoreCredentials, SeldonModelDeployer
+from blocks import KServeModelDeployer, SeldonModelDeployer
 from blocks.kube_errors import role_of
 from ctcd.exceptions import KubernetesAccessError
+from tests import kserve_env, kserve_pod, rbac_worker
 from tests import rbac_env as env
-from tests import rbac_worker
+from tests.kserve_standin import StandInKServeController
 from tests.processes import missing
+from tests.rbac_deployers import FLOWS, kserve_lifecycle, seldon_lifecycle
 from tests.seldon_standin import StandInIngress, StandInSeldonOperator
 from tests.test_seldon import _install_crd
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.timeout(900)]
 NS, SERVING = "ctcd", "models"
-FLOWS, WORKER = "ctcd-flows", "ctcd-worker"
-STORE = ObjectStoreCredentials(
-    access_key_id=SecretStr("AKIA-RBAC"),
-    secret_access_key=SecretStr("rbac-secret"),
-    endpoint_url="http://127.0.0.1:9",
-    provider="Other",
-)
+WORKER = "ctcd-worker"
 
 
 def user(account: str) -> str:
@@ -62,15 +59,22 @@ def cluster(kube_api, tmp_path_factory) -> Iterator[SimpleNamespace]:
         missing("kubectl is not installed (Debian: kubernetes-client)")
     with kube_api.client() as kube:
         _install_crd(kube)
+        kserve_env.install_crd(kube)
         started = time.monotonic()
         applied = env.kubectl_apply(kube_api.kubeconfig, env.MANIFESTS)
         applied += env.kubectl_apply(kube_api.kubeconfig, env.MANIFESTS / "serving-namespace")
         print(f"\nkubectl apply -k, twice: {time.monotonic() - started:.1f} s")
         configs = {a: env.token_kubeconfig(kube, kube_api, NS, a) for a in (FLOWS, WORKER)}
         kubelet = env.KubeletLogs(kube, kube_api.pki)
-    ingress = StandInIngress()
+    ingress, kserve_ingress = StandInIngress(), kserve_pod.StandInIngress()
     work = tmp_path_factory.mktemp("rbac")
-    operators = [StandInSeldonOperator(kube_api, ns, None, work, ingress) for ns in (NS, SERVING)]
+    operators: list[Any] = [  # one of each per namespace, running no pods
+        *(StandInSeldonOperator(kube_api, ns, None, work, ingress) for ns in (NS, SERVING)),
+        *(
+            StandInKServeController(kube_api, ns, None, None, work, kserve_ingress)
+            for ns in (NS, SERVING)
+        ),
+    ]
     for operator in operators:
         operator.start()
     try:
@@ -81,96 +85,20 @@ def cluster(kube_api, tmp_path_factory) -> Iterator[SimpleNamespace]:
         for operator in operators:
             operator.stop()
         ingress.stop()
+        kserve_ingress.stop()
         with kube_api.client() as kube:
             kubelet.stop(kube)
-
-
-def cluster_config(cluster: SimpleNamespace, account: str) -> KubernetesClusterConfig:
-    return KubernetesClusterConfig(config=cluster.kubeconfigs[account], context_name=account)
-
-
-def version(n: int) -> DeploymentConfig:
-    return DeploymentConfig(
-        model_name="rbac-model",
-        model_version=str(n),
-        model_uri=f"s3://models/rbac/{n}",
-        pipeline_name="p",
-        step_name="s",
-    )
-
-
-def seldon_lifecycle(cluster: SimpleNamespace, namespace: str) -> list[str]:
-    """SeldonModelDeployer as ctcd-flows: deploy, update in place, stop, start, logs, delete.
-    Returns the steps done; whatever is left is removed as admin afterwards."""
-    deployer = SeldonModelDeployer(
-        cluster_config=cluster_config(cluster, FLOWS),
-        namespace=namespace,
-        base_url="http://127.0.0.1:9",
-        object_store=STORE,
-        deploy_timeout=60,
-    )
-    done: list[str] = []
-    try:
-        record = deployer.deploy_model(version(1))
-        done.append("deploy")
-        record = deployer.deploy_model(version(2))
-        assert record.history == ["1", "2"]
-        done.append("update")
-        assert deployer.stop_model_server(record.uuid).status == "inactive"
-        done.append("stop")
-        assert deployer.start_model_server(record.uuid).status == "active"
-        done.append("start")
-        _predictor_pod(cluster, namespace, str(record.kube.resource_name))
-        assert deployer.get_logs(record.uuid) == env.KubeletLogs.TEXT.splitlines()
-        done.append("logs")
-        assert deployer.delete_model_server(record.uuid)
-        done.append("delete")
-    finally:
-        _clean_seldon(cluster, namespace)
-    return done
-
-
-def _predictor_pod(cluster: SimpleNamespace, namespace: str, name: str) -> None:
-    """STAND-IN for the ReplicaSet controller and scheduler: a predictor pod on the stand-in
-    node, labelled as Seldon's operator labels its Deployment's pods."""
-    pod = {
-        "metadata": {"name": f"{name}-pod", "labels": {"seldon-deployment-id": name}},
-        "spec": {
-            "nodeName": cluster.kubelet.node,
-            "containers": [{"name": "model", "image": "seldonio/mlflowserver:1.18.2"}],
-        },
-    }
-    with cluster.api.client() as kube:
-        created = kube.post(f"/api/v1/namespaces/{namespace}/pods", json=pod)
-        assert created.status_code == 201, created.text
-
-
-def _clean_seldon(cluster: SimpleNamespace, namespace: str) -> None:
-    """As admin: remove what a lifecycle left, then wait until the stand-in operator has seen
-    it go (it removes the predictor Deployment), so the next lifecycle's resource of the same
-    name is a new one to it."""
-    with cluster.api.client() as kube:
-        base = f"/apis/machinelearning.seldon.io/v1/namespaces/{namespace}/seldondeployments"
-        for item in kube.get(base).json()["items"]:
-            kube.delete(f"{base}/{item['metadata']['name']}")
-        kube.delete(f"/api/v1/namespaces/{namespace}/secrets/ctcd-model-store")
-        pods = f"/api/v1/namespaces/{namespace}/pods"
-        kube.delete(pods, params={"labelSelector": "seldon-deployment-id", **env.NOW})
-        owned = {"labelSelector": "seldon-deployment-id"}
-        deadline = time.monotonic() + 30
-        while kube.get(f"/apis/apps/v1/namespaces/{namespace}/deployments", params=owned).json()[
-            "items"
-        ]:
-            assert time.monotonic() < deadline, "the stand-in operator did not see the delete"
-            time.sleep(0.1)
 
 
 # Each deployer's Role is proven with that deployer's lifecycle, run as ctcd-flows: a new
 # deployer (its folder in deployments/kubernetes/ and kustomization.yaml) is one entry here.
 LIFECYCLES: dict[str, Callable[[SimpleNamespace, str], list[str]]] = {
     "ctcd-seldon-deployer": seldon_lifecycle,
+    "ctcd-kserve-deployer": kserve_lifecycle,
 }
 WHOLE = ["deploy", "update", "stop", "start", "logs", "delete"]
+# Steps a lifecycle takes beyond WHOLE, for a verb only they call.
+MORE = {"ctcd-kserve-deployer": ["the team's account"]}
 
 
 def test_kubectl_applies_the_manifests_and_nothing_is_cluster_wide(cluster) -> None:
@@ -185,6 +113,7 @@ def test_kubectl_applies_the_manifests_and_nothing_is_cluster_wide(cluster) -> N
         "serviceaccount/ctcd-worker",
         "serviceaccount/ctcd-flows",
         "role.rbac.authorization.k8s.io/ctcd-worker",
+        *(f"role.rbac.authorization.k8s.io/{role}" for role in LIFECYCLES),
     ):
         assert line in cluster.applied
     with cluster.api.client() as kube:
@@ -201,7 +130,7 @@ def test_kubectl_applies_the_manifests_and_nothing_is_cluster_wide(cluster) -> N
 @pytest.mark.parametrize("role", list(LIFECYCLES))
 def test_the_flows_account_runs_each_deployers_lifecycle(cluster, role, namespace) -> None:
     started = time.monotonic()
-    assert LIFECYCLES[role](cluster, namespace) == WHOLE
+    assert LIFECYCLES[role](cluster, namespace) == [*WHOLE, *MORE.get(role, [])]
     print(f"\n{role} lifecycle as {FLOWS} in {namespace}: {time.monotonic() - started:.1f} s")
 
 
@@ -216,10 +145,11 @@ def test_the_worker_account_runs_the_job_and_reads_its_pods_log(cluster) -> None
     assert outcome.crash_message == "Kubernetes job was deleted"
 
 
-def test_a_bad_token_says_the_credentials_were_refused(cluster) -> None:
+@pytest.mark.parametrize("kind", [SeldonModelDeployer, KServeModelDeployer])
+def test_a_bad_token_says_the_credentials_were_refused(cluster, kind) -> None:
     config = {**cluster.kubeconfigs[FLOWS]}
     config["users"] = [{"name": FLOWS, "user": {"token": "not-a-token"}}]
-    deployer = SeldonModelDeployer(
+    deployer = kind(
         cluster_config=KubernetesClusterConfig(config=config, context_name=FLOWS),
         namespace=NS,
         base_url="http://127.0.0.1:9",
@@ -285,6 +215,15 @@ REFUSED = {
         ("DELETE", f"/api/v1/namespaces/{NS}/secrets/another-apps-secret"),
         ("GET", "/api/v1/namespaces/kube-system/secrets"),
         ("GET", "/apis/machinelearning.seldon.io/v1/namespaces/default/seldondeployments"),
+        ("GET", f"/api/v1/namespaces/{NS}/secrets/ctcd-kserve-s3"),  # written, never read
+        ("GET", "/apis/serving.kserve.io/v1beta1/namespaces/default/inferenceservices"),
+        ("PATCH", f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices/x"),
+        ("PUT", f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices/x/status"),
+        ("GET", f"/api/v1/namespaces/{NS}/serviceaccounts"),
+        ("GET", f"/api/v1/namespaces/{NS}/serviceaccounts/{WORKER}"),
+        ("PUT", f"/api/v1/namespaces/{NS}/serviceaccounts/{WORKER}"),
+        ("DELETE", f"/api/v1/namespaces/{NS}/serviceaccounts/{FLOWS}"),
+        ("POST", f"/api/v1/namespaces/{NS}/serviceaccounts/ctcd-kserve/token"),  # no tokens
         ("PATCH", f"/apis/apps/v1/namespaces/{NS}/deployments/x"),
         ("POST", f"/api/v1/namespaces/{NS}/pods"),
         ("POST", f"/api/v1/namespaces/{NS}/pods/x/exec"),
@@ -305,6 +244,8 @@ REFUSED = {
         ("PUT", f"/apis/batch/v1/namespaces/{NS}/jobs/x"),
         ("POST", f"/api/v1/namespaces/{NS}/events"),
         ("GET", f"/apis/machinelearning.seldon.io/v1/namespaces/{NS}/seldondeployments"),
+        ("GET", f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices"),
+        ("POST", f"/api/v1/namespaces/{NS}/serviceaccounts"),
         ("GET", "/api/v1/nodes"),
         ("GET", "/api/v1/namespaces/kube-system"),
         ("GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles"),
