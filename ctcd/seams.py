@@ -1,9 +1,10 @@
 """The named seams where a test reaches into a running process, in one place.
 
-- `pause_point(step, folder)`: with `CTCD_TEST_PAUSE=<step>`, the process that reaches `step`
-  writes `paused-<step>` (its PID) into `folder` and sleeps until killed, so a test can kill it at
-  exactly that moment (a deploy after writing the desired state, the master after retiring a
-  worker, ...). The steps are listed in `STEPS`.
+- `pause_point(step, folder)`: with `CTCD_TEST_PAUSE=<step>` (or a comma-separated list of
+  steps), the process that reaches `step` writes `paused-<step>` (its PID) into `folder` and
+  sleeps until killed, or until the test writes `resume-<step>` there, so a test can kill it
+  (or change the world around it) at exactly that moment (a deploy after writing the desired
+  state, the master after retiring a worker, ...). The steps are listed in `STEPS`.
 - `load_delay()`: with `CTCD_TEST_LOAD_DELAY_S`, a model-server worker spends that many seconds
   more loading its model, so a test can see whether any request waits for a loading worker.
 
@@ -24,16 +25,20 @@ STEPS = (
     "worker-announced",  # a deploy saw a new worker announce the desired version
     "worker-leaving",  # a deploy saw an old worker told to leave
     "master-retired",  # the master told a worker to leave
+    "champion-reading",  # a gating run, before it reads the champion (folder: CTCD_HOME)
+    "gate-decided",  # a gating run decided, before it deploys or records (folder: CTCD_HOME)
 )
 
 
 def pause_point(step: str, folder: Path) -> None:
     """Stop here until killed when `CTCD_TEST_PAUSE` names `step` (see the module docstring)."""
-    if os.environ.get(PAUSE_ENV) != step:
+    if step not in os.environ.get(PAUSE_ENV, "").split(","):
         return
     (folder / f"paused-{step}").write_text(str(os.getpid()))
-    while True:
-        time.sleep(1)
+    resume = folder / f"resume-{step}"
+    while not resume.exists():
+        time.sleep(0.2)
+    resume.unlink()
 
 
 def pausing() -> bool:

@@ -23,6 +23,8 @@ from ctcd.names import (
     FLOW_RUN_TAG,
     GATE_TAG,
 )
+from ctcd.seams import pause_point
+from ctcd.settings import ctcd_home
 from flows import ctcd_flow
 from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data
 from flows.gate import DeploymentCriteria, deployment_trigger, evaluate_champion
@@ -122,6 +124,7 @@ def gate_and_deploy(
     criteria = DeploymentCriteria.model_validate(criteria or {})
     champion = evaluate_champion(reg.model_name, data)
     decision = deployment_trigger(metrics, criteria, champion)
+    pause_point("gate-decided", ctcd_home())
     print(f"Gate for {reg.model_name} v{reg.model_version}: {decision.reason}")
     service: ServiceRecord | None
     verdict = ("deployed: " if decision.passed else "refused: ") + decision.reason
