@@ -27,6 +27,8 @@ STEPS = (
     "master-retired",  # the master told a worker to leave
     "champion-reading",  # a gating run, before it reads the champion (folder: CTCD_HOME)
     "gate-decided",  # a gating run decided, before it deploys or records (folder: CTCD_HOME)
+    "gate-locking",  # a gating run registered its version, before the model's lock (CTCD_HOME)
+    "deployed",  # a gating run's deploy returned, before it writes the alias (CTCD_HOME)
 )
 
 

@@ -26,8 +26,15 @@ from ctcd.names import (
 from ctcd.seams import pause_point
 from ctcd.settings import ctcd_home
 from flows import ctcd_flow
+from flows.champion import gating
 from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data
-from flows.gate import DeploymentCriteria, deployment_trigger, evaluate_champion
+from flows.gate import (
+    ChampionScore,
+    DeploymentCriteria,
+    GateDecision,
+    deployment_trigger,
+    evaluate_champion,
+)
 from flows.model import ModelType, RegisteredModel
 from flows.report import RunFacts, publish_report
 from flows.results import DeploymentResult
@@ -111,6 +118,33 @@ def continuous_deployment_pipeline(
         )
 
 
+def _decide_and_act(
+    reg: RegisteredModel,
+    metrics: dict[str, float],
+    data: CleanData,
+    criteria: DeploymentCriteria,
+    deployer: str | None,
+) -> tuple[ChampionScore | None, GateDecision, ServiceRecord | None]:
+    """Compare with the champion, decide, and deploy (champion) or not (challenger)."""
+    champion = evaluate_champion(reg.model_name, data)
+    decision = deployment_trigger(metrics, criteria, champion)
+    pause_point("gate-decided", ctcd_home())
+    print(f"Gate for {reg.model_name} v{reg.model_version}: {decision.reason}")
+    service: ServiceRecord | None
+    verdict = ("deployed: " if decision.passed else "refused: ") + decision.reason
+    if decision.passed:
+        service = deploy_model(reg, deployer)
+        pause_point("deployed", ctcd_home())
+        _record_gate(reg.model_name, reg.model_version, CHAMPION, verdict)
+    else:
+        _record_gate(reg.model_name, reg.model_version, CHALLENGER, verdict)
+        running = load_deployer(deployer).find_model_server(
+            pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=reg.model_name
+        )
+        service = running[0] if running else None
+    return champion, decision, service
+
+
 def gate_and_deploy(
     reg: RegisteredModel,
     metrics: dict[str, float],
@@ -122,21 +156,9 @@ def gate_and_deploy(
     """Gate a registered version on its held-out rows; deploy it and make it champion if it
     passes, else mark it challenger. Publishes the run's report."""
     criteria = DeploymentCriteria.model_validate(criteria or {})
-    champion = evaluate_champion(reg.model_name, data)
-    decision = deployment_trigger(metrics, criteria, champion)
-    pause_point("gate-decided", ctcd_home())
-    print(f"Gate for {reg.model_name} v{reg.model_version}: {decision.reason}")
-    service: ServiceRecord | None
+    with gating(reg.model_name, reg.model_version, deployer):
+        champion, decision, service = _decide_and_act(reg, metrics, data, criteria, deployer)
     verdict = ("deployed: " if decision.passed else "refused: ") + decision.reason
-    if decision.passed:
-        service = deploy_model(reg, deployer)
-        _record_gate(reg.model_name, reg.model_version, CHAMPION, verdict)
-    else:
-        _record_gate(reg.model_name, reg.model_version, CHALLENGER, verdict)
-        running = load_deployer(deployer).find_model_server(
-            pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=reg.model_name
-        )
-        service = running[0] if running else None
     publish_report(
         RunFacts(reg, metrics, dataset.source, dataset.sha256, len(data.x_test)),
         verdict,
