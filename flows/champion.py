@@ -104,13 +104,19 @@ def mark_interrupted(model_name: str, current: str, served: str | None) -> None:
     """Give each version whose gating run died (its lock file left unlocked) the decision
     `interrupted`, unless it has one; remove those lock files."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     for path in sorted(_folder(model_name).glob("*.lock")):
         version = path.stem
         if version == current or is_locked(path):
             continue
-        tags = client.get_model_version(model_name, version).tags or {}
+        try:
+            tags = client.get_model_version(model_name, version).tags or {}
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            tags = {GATE_TAG: "(the version was deleted)"}
         if GATE_TAG not in tags:
             how = (
                 "after deploying it, before recording the decision; it serves, so it is champion"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -118,6 +119,21 @@ def continuous_deployment_pipeline(
         )
 
 
+def _deploy_or_record(reg: RegisteredModel, deployer: str | None, reason: str) -> ServiceRecord:
+    """Deploy; if the deploy fails, keep that as the version's decision, then raise."""
+    import mlflow
+
+    try:
+        return deploy_model(reg, deployer)
+    except Exception as err:
+        decision = f"passed, but its deploy failed ({type(err).__name__}): {reason}"
+        with contextlib.suppress(Exception):  # MLflow down too: the next run says `interrupted`
+            mlflow.MlflowClient().set_model_version_tag(
+                reg.model_name, reg.model_version, GATE_TAG, decision[:4000]
+            )
+        raise
+
+
 def _decide_and_act(
     reg: RegisteredModel,
     metrics: dict[str, float],
@@ -133,7 +149,7 @@ def _decide_and_act(
     service: ServiceRecord | None
     verdict = ("deployed: " if decision.passed else "refused: ") + decision.reason
     if decision.passed:
-        service = deploy_model(reg, deployer)
+        service = _deploy_or_record(reg, deployer, decision.reason)
         pause_point("deployed", ctcd_home())
         _record_gate(reg.model_name, reg.model_version, CHAMPION, verdict)
     else:

@@ -7,11 +7,13 @@ real flow processes, the suite's MLflow store, real model servers.
   decision `interrupted`; so does a run killed before its gate decided.
 - Two runs at once, the second landing in the first's deploy -> alias window: they take turns,
   and afterwards `champion` names what serves.
+- A deploy that fails after the gate passed: that failure is the version's decision.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 
 import httpx
@@ -109,3 +111,24 @@ def test_two_runs_at_once_leave_the_champion_naming_what_serves(
     assert all(line.startswith("RESULT") for line in ended), ended
     recorded, answered = _served(model_name)
     assert recorded == answered == _champion(model_name), (recorded, answered, ended)
+
+
+@pytest.mark.timeout(600)
+def test_a_deploy_that_fails_after_the_gate_passed_is_the_versions_decision(
+    ctcd_home, small_csv, model_name
+):
+    with socket.socket() as taken:  # the deployer's port is busy: its server cannot start
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        MLflowModelDeployer(port=taken.getsockname()[1]).save("busy-port", overwrite=True)
+        state = continuous_deployment_pipeline(
+            data_path=small_csv,
+            model_name=model_name,
+            model_type="linear",
+            deployer="busy-port",
+            return_state=True,
+        )
+    assert state.is_failed()
+    [version] = mlflow.MlflowClient().search_model_versions(f"name = '{model_name}'")
+    decision = _tags(model_name, str(version.version))[GATE_TAG]
+    assert decision.startswith("passed, but its deploy failed"), decision
