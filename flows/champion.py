@@ -127,3 +127,26 @@ def mark_interrupted(model_name: str, current: str, served: str | None) -> None:
             client.set_model_version_tag(model_name, version, GATE_TAG, decision)
             get_run_logger().warning("%s v%s: %s", model_name, version, decision)
         path.unlink(missing_ok=True)
+
+
+def record_deployed(
+    model_name: str, version: str, reason: str, deployer: str | None
+) -> tuple[bool, str]:
+    """After this run's deploy: `champion` and the decision `deployed: ...` if what serves is
+    still `version`; else (another run, not sharing this CTCD_HOME's locks, deployed after it)
+    no alias and `overtaken: ...`. Returns whether it serves, and the decision recorded."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    now = served_version(model_name, deployer)
+    if now == version:
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+        verdict = f"deployed: {reason}"
+    else:
+        verdict = (
+            f"overtaken: {reason}; deployed, but v{now} replaced it before its alias was "
+            "written, so it is not champion"
+        )
+        get_run_logger().warning("%s v%s %s", model_name, version, verdict)
+    client.set_model_version_tag(model_name, version, GATE_TAG, verdict)
+    return now == version, verdict

@@ -16,7 +16,6 @@ from blocks.tracking import use_tracking
 from ctcd.exceptions import DataError, ModelConfigError
 from ctcd.names import (
     CHALLENGER,
-    CHAMPION,
     DATA_SHA_TAG,
     DATA_SOURCE_TAG,
     DEFAULT_PIPELINE,
@@ -27,7 +26,7 @@ from ctcd.names import (
 from ctcd.seams import pause_point
 from ctcd.settings import ctcd_home
 from flows import ctcd_flow
-from flows.champion import gating
+from flows.champion import gating, record_deployed
 from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data
 from flows.gate import (
     ChampionScore,
@@ -140,25 +139,24 @@ def _decide_and_act(
     data: CleanData,
     criteria: DeploymentCriteria,
     deployer: str | None,
-) -> tuple[ChampionScore | None, GateDecision, ServiceRecord | None]:
-    """Compare with the champion, decide, and deploy (champion) or not (challenger)."""
+) -> tuple[ChampionScore | None, GateDecision, str, ServiceRecord | None]:
+    """Compare with the champion, decide, and deploy (champion) or not (challenger).
+    Returns the champion's score, the decision, the verdict recorded, and the server."""
     champion = evaluate_champion(reg.model_name, data)
     decision = deployment_trigger(metrics, criteria, champion)
     pause_point("gate-decided", ctcd_home())
     print(f"Gate for {reg.model_name} v{reg.model_version}: {decision.reason}")
-    service: ServiceRecord | None
-    verdict = ("deployed: " if decision.passed else "refused: ") + decision.reason
-    if decision.passed:
-        service = _deploy_or_record(reg, deployer, decision.reason)
-        pause_point("deployed", ctcd_home())
-        _record_gate(reg.model_name, reg.model_version, CHAMPION, verdict)
-    else:
+    if not decision.passed:
+        verdict = "refused: " + decision.reason
         _record_gate(reg.model_name, reg.model_version, CHALLENGER, verdict)
         running = load_deployer(deployer).find_model_server(
             pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=reg.model_name
         )
-        service = running[0] if running else None
-    return champion, decision, service
+        return champion, decision, verdict, running[0] if running else None
+    service = _deploy_or_record(reg, deployer, decision.reason)
+    pause_point("deployed", ctcd_home())
+    passed, verdict = record_deployed(reg.model_name, reg.model_version, decision.reason, deployer)
+    return champion, GateDecision(passed, verdict.split(": ", 1)[1]), verdict, service
 
 
 def gate_and_deploy(
@@ -173,8 +171,9 @@ def gate_and_deploy(
     passes, else mark it challenger. Publishes the run's report."""
     criteria = DeploymentCriteria.model_validate(criteria or {})
     with gating(reg.model_name, reg.model_version, deployer):
-        champion, decision, service = _decide_and_act(reg, metrics, data, criteria, deployer)
-    verdict = ("deployed: " if decision.passed else "refused: ") + decision.reason
+        champion, decision, verdict, service = _decide_and_act(
+            reg, metrics, data, criteria, deployer
+        )
     publish_report(
         RunFacts(reg, metrics, dataset.source, dataset.sha256, len(data.x_test)),
         verdict,

@@ -6,7 +6,8 @@ real flow processes, the suite's MLflow store, real model servers.
   what serves before its gate compares (tagging why), and gives the killed run's version the
   decision `interrupted`; so does a run killed before its gate decided.
 - Two runs at once, the second landing in the first's deploy -> alias window: they take turns,
-  and afterwards `champion` names what serves.
+  and afterwards `champion` names what serves. Runs that do not share a CTCD_HOME (so not its
+  locks): the one overtaken writes no alias and says `deployed: False`.
 - A deploy that fails after the gate passed: that failure is the version's decision.
 """
 
@@ -132,3 +133,43 @@ def test_a_deploy_that_fails_after_the_gate_passed_is_the_versions_decision(
     [version] = mlflow.MlflowClient().search_model_versions(f"name = '{model_name}'")
     decision = _tags(model_name, str(version.version))[GATE_TAG]
     assert decision.startswith("passed, but its deploy failed"), decision
+
+
+@pytest.mark.timeout(900)
+def test_a_run_overtaken_by_another_machines_deploy_says_so(
+    ctcd_home, small_csv, model_name, tmp_path
+):
+    """Two runs that share the servers (a deployer's `root_dir`) but not a CTCD_HOME, so not
+    its locks, as runs on two machines deploying to one cluster would."""
+    deployer = MLflowModelDeployer(root_dir=str(tmp_path / "servers"))
+    deployer.save("shared-servers", overwrite=True)
+    params = {
+        "data_path": small_csv,
+        "model_name": model_name,
+        "model_type": "linear",
+        "deployer": "shared-servers",
+    }
+    homes = tmp_path / "home-a", tmp_path / "home-b"
+    logs = tmp_path / "a.log", tmp_path / "b.log"
+    a = b = None
+    try:
+        v1 = continuous_deployment_pipeline(**params).model_version
+        a = start_flow(params, "deployed", logs[0], {"CTCD_HOME": str(homes[0])})
+        assert paused_at(a, homes[0], "deployed", 300), logs[0].read_text()[-3000:]
+        b = start_flow(params, "", logs[1], {"CTCD_HOME": str(homes[1])})
+        ended_b = outcome(b, logs[1], 300)  # deploys after a's deploy, before a's alias
+        resume(homes[0], "deployed")
+        ended_a = outcome(a, logs[0], 300)
+        [record] = deployer.find_model_server(model_name=model_name)
+        served = record.model_version
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for found in deployer.find_model_server():
+            deployer.delete_model_server(found.uuid, timeout=5)
+    assert ended_b.startswith("RESULT") and '"deployed": true' in ended_b, ended_b
+    assert served == str(int(v1) + 2) == _champion(model_name)  # b's version serves
+    assert '"deployed": false' in ended_a and "replaced it" in ended_a, ended_a
+    assert _tags(model_name, str(int(v1) + 1))[GATE_TAG].startswith("overtaken")
