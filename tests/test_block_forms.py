@@ -20,6 +20,8 @@ from typing import Any
 import hvac
 import pytest
 from prefect import flow
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 from selenium.webdriver.common.by import By
@@ -93,9 +95,17 @@ def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def api(ui: str) -> Iterator[str]:
-    """Block.load, saves and flow runs go to the UI's server (not the session's harness)."""
+    """Block.load, saves and flow runs go to the UI's server (not the session's harness).
+    Prefect's events and log workers are per process and keep the API URL they started with:
+    drain them while this server still runs, so later tests' events reach the harness (left
+    running, they send every later event to this server after it stops, and the session hangs
+    at exit draining them)."""
     with temporary_settings(updates={PREFECT_API_URL: f"{ui}/api"}):
-        yield ui
+        try:
+            yield ui
+        finally:
+            for worker in (EventsWorker, APILogWorker):
+                worker.drain_all(timeout=30, at_exit=False)
 
 
 def in_a_flow(check: Callable[[], Any]) -> Any:
