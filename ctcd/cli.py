@@ -260,7 +260,7 @@ def prefect_server_start() -> None:
     from ctcd import local_api
 
     try:
-        server = local_api.ensure()
+        server = local_api.ensure(say=typer.echo)
         local_api.wait_healthy(server)
     except CtcdError as err:
         _fail(str(err))
