@@ -185,19 +185,30 @@ def wait_healthy(server: LocalServer, timeout: float = START_TIMEOUT) -> None:
 
 
 @contextlib.contextmanager
-def api() -> Iterator[None]:
+def api() -> Iterator[str | None]:
     """Run the enclosed flow against the local server (started now if `prepare` did not,
-    reused if it runs), once it answers. A no-op when an API URL is configured (a server, a
-    worker, a test harness) or ctcd's local server is switched off (`enabled`)."""
+    reused if it runs), once it answers, after settling the runs it left unended
+    (`flow_runs.sweep`); yields its API URL. A no-op yielding None when an API URL is
+    configured (a server, a worker, a test harness) or ctcd's local server is switched off
+    (`enabled`)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if not enabled():
-        yield
+        yield None
         return
     server = _chosen if _chosen is not None and _alive(_chosen) else ensure()
     wait_healthy(server)
+    settle(server)
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
+        yield server.api_url
+
+
+def settle(server: LocalServer) -> list[tuple[str, str]]:
+    """Mark the runs this server has whose process died or whose end it missed (see
+    `ctcd.flow_runs`); what it changed."""
+    from ctcd import flow_runs
+
+    return flow_runs.sweep(server.api_url)
 
 
 def stop(server: LocalServer, timeout: float = 20.0) -> None:

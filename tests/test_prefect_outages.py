@@ -126,3 +126,84 @@ def test_a_taken_port_gives_a_new_one_and_says_so(user_env):
     assert moved != port
     assert f"port {port} is taken by another process" in again.stdout
     assert f"running: http://127.0.0.1:{moved}" in again.stdout
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Path:
+    from ctcd.sample import generate
+
+    path = tmp_path / "orders.parquet"
+    generate(n_rows=3000, seed=3).to_parquet(path)
+    return path
+
+
+@pytest.fixture
+def deploying(user_env):
+    """Runs a continuous-deployment flow in a fresh process (`start(step)`), told to pause at
+    a deploy's `step` (`CTCD_TEST_PAUSE`); afterwards deletes the model servers it left."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(table: Path, step: str) -> tuple[subprocess.Popen[str], Path, Path]:
+        script = (
+            "from flows.continuous_deployment import continuous_deployment_pipeline as p\n"
+            f"r = p(data_path={str(table)!r}, model_type='linear')\n"
+            "print('DEPLOYED', r.deployed)\n"
+        )
+        out = Path(user_env["CTCD_HOME"]).parent / f"flow-{len(started)}.log"
+        with open(out, "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", script], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                env={**user_env, "CTCD_TEST_PAUSE": step}, text=True,
+            )  # fmt: skip
+        started.append(proc)
+        servers = Path(user_env["CTCD_HOME"]) / "servers"
+        found = eventually(
+            lambda: list(servers.glob(f"*/paused-{step}")) or proc.poll() is not None,
+            300,
+            f"the flow's deploy pausing at {step}",
+        )
+        assert proc.poll() is None, out.read_text()[-3000:]
+        return proc, found[0], out
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    code = (
+        "from blocks import MLflowModelDeployer as D; d = D()\n"
+        "for r in d.find_model_server(): d.delete_model_server(r.uuid, timeout=5)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=user_env, timeout=120)
+
+
+def _runs(api: str, state: str | None = None) -> list[dict]:
+    body = {"flow_runs": {"state": {"type": {"any_": [state]}}}} if state else {}
+    return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
+
+
+def test_a_killed_flow_process_leaves_its_run_crashed_not_running(user_env, table, deploying):
+    _start(user_env)
+    api = f"http://127.0.0.1:{_server(user_env)['port']}/api"
+    proc, _, _ = deploying(table, "staging")
+    running = _runs(api, "RUNNING")
+    assert [r["name"] for r in running]  # the flow run, mid-deploy
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+    # The next look at the local server (`status`, `start`, any ctcd flow starting) settles it.
+    status = _ctcd(user_env, "prefect-server", "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    for run in running:
+        assert f"flow run {run['id']}: marked Crashed" in status.stdout
+        now = eventually(
+            lambda run=run: (
+                (r := httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).json())
+                and r["state_type"] == "CRASHED"
+                and r
+            ),
+            30,
+            f"flow run {run['name']} Crashed",
+        )
+        assert f"(PID {proc.pid}) died before the run ended" in now["state"]["message"]
+    assert _runs(api, "RUNNING") == []
