@@ -18,7 +18,7 @@ Runs of deployments are run by a Prefect worker, which marks its own dead runs C
 
 `bounded_retries()`: Prefect's client retries a request to a server that stopped answering 5
 times with exponential back-off (2+4+8+16+32 s), per request: a run whose server died spent 3-4
-minutes before its caller heard. ctcd's flows retry twice (~6 s) unless the user set
+minutes before its caller heard. ctcd's flows retry once (~2 s) unless the user set
 PREFECT_CLIENT_MAX_RETRIES.
 """
 
@@ -33,7 +33,7 @@ from ctcd import processes as procs
 from ctcd.files import read_json, write_json
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
-CLIENT_RETRIES = 2  # back-off 2 s + 4 s: a server restart mid-run is still bridged
+CLIENT_RETRIES = 1  # one retry after ~2 s: a blip is bridged, a dead server is said at once
 
 
 def _user_set(name: str) -> bool:

@@ -207,3 +207,41 @@ def test_a_killed_flow_process_leaves_its_run_crashed_not_running(user_env, tabl
         )
         assert f"(PID {proc.pid}) died before the run ended" in now["state"]["message"]
     assert _runs(api, "RUNNING") == []
+
+
+def test_the_server_killed_mid_run_gives_a_clear_error_and_the_real_end_later(
+    user_env, table, deploying
+):
+    import time
+
+    _start(user_env)
+    port = _server(user_env)["port"]
+    api = f"http://127.0.0.1:{port}/api"
+    proc, marker, out = deploying(table, "staging")
+    [run] = [r for r in _runs(api, "RUNNING") if r["parent_task_run_id"] is None]
+    _kill_server(user_env)
+    resumed = time.monotonic()
+    marker.unlink()  # the deploy goes on, with no Prefect API
+    # (before: a raw httpx.ConnectError after 3-4 minutes of retries)
+    eventually(lambda: proc.poll() is not None, 120, "the flow's caller to hear")
+    took = time.monotonic() - resumed
+    said = out.read_text()
+    print(f"\ncaller heard {took:.1f} s after the deploy resumed")
+    assert proc.returncode != 0
+    [error] = [line for line in said.splitlines() if line.startswith("ctcd.exceptions.")]
+    assert error.startswith("ctcd.exceptions.PrefectApiLost: The Prefect API at "), said[-3000:]
+    assert f"{api} stopped answering during flow run '{run['name']}'" in error
+    assert "The work itself finished" in error
+    assert (
+        "Run `ctcd prefect-server start` to bring it back: the run is then marked Completed"
+        in error
+    )
+    assert took < 60, f"the caller heard {took:.0f} s after the work went on"  # not 3-4 min
+
+    again = _start(user_env)  # the same port: the run gets the end its work had
+    assert f"running: http://127.0.0.1:{port}" in again.stdout
+    assert f"flow run {run['id']}: marked Completed" in again.stdout
+    now = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).json()
+    assert now["state_type"] == "COMPLETED", now["state"]
+    assert "The Prefect API stopped answering before the run recorded it" in now["state"]["message"]
+    assert _runs(api, "RUNNING") == []
