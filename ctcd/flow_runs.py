@@ -85,7 +85,7 @@ def unrecorded_end(flow_run_id: str, state_type: str, message: str) -> None:
     write_json(path, {**record, "state_type": state_type, "message": message})
 
 
-def _settle(api_url: str, flow_run_id: str, record: dict[str, object]) -> str | None:
+def _settle(record: dict[str, object]) -> str | None:
     """The state this run needs now (None: leave it alone, its process still runs)."""
     if record.get("state_type"):
         return str(record["state_type"])
@@ -103,25 +103,39 @@ def _crash_message(record: dict[str, object]) -> str:
 
 def sweep(api_url: str) -> list[tuple[str, str]]:
     """Settle the recorded runs of the server at `api_url` (see the module docstring): the
-    (flow run id, state type) of each run it changed."""
+    (flow run id, state type) of each run it changed. A run it cannot settle now (the server
+    did not answer) keeps its record for the next sweep."""
     import httpx
 
     changed = []
     for path in sorted(_folder().glob("*.json")):
         record = read_json(path) or {}
-        flow_run_id = path.stem
         if record.get("api_url") != api_url:
             continue
-        if (state_type := _settle(api_url, flow_run_id, record)) is None:
+        if (state_type := _settle(record)) is None:
             continue
-        run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10)
-        if run.status_code == 200 and run.json()["state_type"] not in FINAL:
-            message = str(record.get("message") or _crash_message(record))
-            state = {"type": state_type, "name": state_type.title(), "message": message}
-            body = {"state": state, "force": True}
-            url = f"{api_url}/flow_runs/{flow_run_id}/set_state"
-            httpx.post(url, json=body, timeout=10).raise_for_status()
-            changed.append((flow_run_id, state_type))
-        if run.status_code in (200, 404):
-            path.unlink(missing_ok=True)
+        try:
+            if _mark(api_url, path.stem, state_type, record):
+                changed.append((path.stem, state_type))
+        except httpx.HTTPError:
+            continue
+        path.unlink(missing_ok=True)
     return changed
+
+
+def _mark(api_url: str, flow_run_id: str, state_type: str, record: dict[str, object]) -> bool:
+    """Give the run `state_type` unless Prefect already ended it (or forgot it): whether it
+    changed."""
+    import httpx
+
+    run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10)
+    if run.status_code == 404:
+        return False
+    run.raise_for_status()
+    if run.json()["state_type"] in FINAL:
+        return False
+    message = str(record.get("message") or _crash_message(record))
+    state = {"type": state_type, "name": state_type.title(), "message": message}
+    url = f"{api_url}/flow_runs/{flow_run_id}/set_state"
+    httpx.post(url, json={"state": state, "force": True}, timeout=10).raise_for_status()
+    return True
