@@ -250,8 +250,11 @@ def prefect_server_status() -> None:
     if server is None:
         typer.echo("not running (the next flow run with no PREFECT_API_URL starts it)")
         return
-    state = "running" if local_api.healthy(server) else "starting (not answering yet)"
+    healthy = local_api.healthy(server)
+    state = "running" if healthy else "starting (not answering yet)"
     typer.echo(f"{state}: {server.url} (PID {server.pid}, log {server.log})")
+    if healthy:
+        _settled(local_api.settle(server))
 
 
 @prefect_server.command("start")
@@ -260,11 +263,18 @@ def prefect_server_start() -> None:
     from ctcd import local_api
 
     try:
-        server = local_api.ensure()
+        server = local_api.ensure(say=typer.echo)
         local_api.wait_healthy(server)
     except CtcdError as err:
         _fail(str(err))
     typer.echo(f"running: {server.url} (PID {server.pid})")
+    _settled(local_api.settle(server))
+
+
+def _settled(changed: list[tuple[str, str]]) -> None:
+    """Say which runs the server had left unended and what they are now."""
+    for flow_run_id, state_type in changed:
+        typer.echo(f"flow run {flow_run_id}: marked {state_type.title()} (its end was lost)")
 
 
 @prefect_server.command("stop")

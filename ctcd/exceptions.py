@@ -143,6 +143,19 @@ class LocalApiError(CtcdError, RuntimeError):
         )
 
 
+class PrefectApiLost(CtcdError, RuntimeError):
+    """The Prefect API stopped answering while a flow ran, so the run could not record its
+    end. Says whether the work itself finished and how to bring the server back; `result` holds
+    what the flow returned when the work finished (None otherwise)."""
+
+    def __init__(self, api_url: str, run: str, work: str, fix: str, result: object = None):
+        self.api_url, self.result = api_url, result
+        super().__init__(
+            f"The Prefect API at {api_url} stopped answering during flow run {run}, so the "
+            f"run could not record its end. {work} {fix}"
+        )
+
+
 class StateFileError(CtcdError, ValueError):
     """A state file ctcd keeps (a server's record, its desired state, ...) cannot be read or
     does not hold what it must: names the file, what is wrong with it, and what to do."""

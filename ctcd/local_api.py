@@ -15,6 +15,9 @@ start` on loopback with the UI, started by the first run and reused by the next 
   runs in a second thread of this one).
 - `ctcd prefect-server status|start|stop` shows, starts and stops it (`stop` ends the process
   group ctcd started, by PID).
+- A server that died (killed, stopped) starts again on the port it had, same database, so the
+  "View at" links and the flows still running against it keep working; only when another
+  process took that port does it get a new one, and says so.
 
 Nothing of this happens when an API URL is configured (a real server, a worker, the test
 harness), when Prefect's ephemeral server is switched off, or with `CTCD_LOCAL_API=0`; then
@@ -27,7 +30,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,17 +92,40 @@ def _alive(server: LocalServer) -> bool:
     return server.process.alive()
 
 
-def recorded() -> LocalServer | None:
-    """The server this CTCD_HOME started, if its process still runs."""
+def _record() -> LocalServer | None:
+    """The server this CTCD_HOME started last, running or not."""
     try:
-        server = LocalServer(**(read_json(_folder() / "server.json") or {}))
+        return LocalServer(**(read_json(_folder() / "server.json") or {}))
     except TypeError:
         return None
-    return server if _alive(server) else None
 
 
-def _spawn() -> LocalServer:
+def recorded() -> LocalServer | None:
+    """The server this CTCD_HOME started, if its process still runs."""
+    server = _record()
+    return server if server is not None and _alive(server) else None
+
+
+def _port_for(last: LocalServer | None, say: Callable[[str], None]) -> int:
+    """The port the last server of this database had, so its "View at" links and the flows
+    still running against it keep working; a free one (said) if something else took it."""
+    if last is None or last.prefect_home != _prefect_home():
+        return procs.free_port()
+    if not procs.port_in_use("127.0.0.1", last.port):
+        return last.port
     port = procs.free_port()
+    say(
+        f"The local Prefect server's port {last.port} is taken by another process: starting "
+        f"it on port {port} instead. Links to {last.url} no longer work (same runs, new port)."
+    )
+    return port
+
+
+def _warn(message: str) -> None:
+    print(f"ctcd: {message}", file=sys.stderr)
+
+
+def _spawn(port: int) -> LocalServer:
     log = _folder() / "server.log"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     cmd += ["--port", str(port)]
@@ -118,17 +144,20 @@ def _spawn() -> LocalServer:
     return server
 
 
-def ensure() -> LocalServer:
-    """The running server for this CTCD_HOME and PREFECT_HOME, started if there is none."""
+def ensure(say: Callable[[str], None] = _warn) -> LocalServer:
+    """The running server for this CTCD_HOME and PREFECT_HOME, started if there is none: on
+    the port the last one had when that is free (a server that died comes back where its
+    links and running flows expect it)."""
     with locked(_folder() / ".lock"):
-        server = recorded()
+        last = _record()
+        server = last if last is not None and _alive(last) else None
         if server is not None and (
             server.prefect_home != _prefect_home()  # it serves another database
             or server.ui_api_url != server.api_url  # its UI calls another port (older ctcd)
         ):
             stop(server)
             server = None
-        return server or _spawn()
+        return server or _spawn(_port_for(last, say))
 
 
 def prepare() -> None:
@@ -156,22 +185,33 @@ def wait_healthy(server: LocalServer, timeout: float = START_TIMEOUT) -> None:
 
 
 @contextlib.contextmanager
-def api() -> Iterator[None]:
+def api() -> Iterator[str | None]:
     """Run the enclosed flow against the local server (started now if `prepare` did not,
-    reused if it runs), once it answers. A no-op when an API URL is configured (a server, a
-    worker, a test harness) or ctcd's local server is switched off (`enabled`)."""
+    reused if it runs), once it answers, after settling the runs it left unended
+    (`flow_runs.sweep`); yields its API URL. A no-op yielding None when an API URL is
+    configured (a server, a worker, a test harness) or ctcd's local server is switched off
+    (`enabled`)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if not enabled():
-        yield
+        yield None
         return
     server = _chosen if _chosen is not None and _alive(_chosen) else ensure()
     wait_healthy(server)
+    settle(server)
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield
+        yield server.api_url
+
+
+def settle(server: LocalServer) -> list[tuple[str, str]]:
+    """Mark the runs this server has whose process died or whose end it missed (see
+    `ctcd.flow_runs`); what it changed."""
+    from ctcd import flow_runs
+
+    return flow_runs.sweep(server.api_url)
 
 
 def stop(server: LocalServer, timeout: float = 20.0) -> None:
-    """End the server's process group (ctcd started it in a session of its own)."""
+    """End the server's process group (ctcd started it in a session of its own). Its record
+    stays, so the next start uses its port again."""
     procs.stop(server.process, timeout, whole_group=True)
-    (_folder() / "server.json").unlink(missing_ok=True)

@@ -2,9 +2,10 @@
 
 - `pause_point(step, folder)`: with `CTCD_TEST_PAUSE=<step>` (or a comma-separated list of
   steps), the process that reaches `step` writes `paused-<step>` (its PID) into `folder` and
-  sleeps until killed, or until the test writes `resume-<step>` there, so a test can kill it
-  (or change the world around it) at exactly that moment (a deploy after writing the desired
-  state, the master after retiring a worker, ...). The steps are listed in `STEPS`.
+  sleeps until killed, so a test can kill it at exactly that moment (a deploy after writing the
+  desired state, the master after retiring a worker, ...), or until the test removes that file:
+  then it goes on (to kill or restart something else meanwhile, e.g. the Prefect or MLflow
+  server). The steps are listed in `STEPS`.
 - `load_delay()`: with `CTCD_TEST_LOAD_DELAY_S`, a model-server worker spends that many seconds
   more loading its model, so a test can see whether any request waits for a loading worker.
 
@@ -33,14 +34,14 @@ STEPS = (
 
 
 def pause_point(step: str, folder: Path) -> None:
-    """Stop here until killed when `CTCD_TEST_PAUSE` names `step` (see the module docstring)."""
+    """Stop here until killed or resumed when `CTCD_TEST_PAUSE` names `step` (see the module
+    docstring)."""
     if step not in os.environ.get(PAUSE_ENV, "").split(","):
         return
-    (folder / f"paused-{step}").write_text(str(os.getpid()))
-    resume = folder / f"resume-{step}"
-    while not resume.exists():
+    marker = folder / f"paused-{step}"
+    marker.write_text(str(os.getpid()))
+    while marker.exists():
         time.sleep(0.2)
-    resume.unlink()
 
 
 def pausing() -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import httpx
 from prefect.artifacts import create_markdown_artifact
 
 from blocks.service import ServiceRecord
@@ -98,7 +99,12 @@ def publish_report(
         f"**MLflow run:** `{reg.run_id}`: {run_link(reg.run_id, reg.experiment_id)}\n\n"
         f"**Data:** `{facts.data_source}`, sha256 `{facts.data_sha256}`\n"
     )
-    create_markdown_artifact(
-        markdown=markdown, key=report_key(reg.model_name), description=f"{reg.model_name} report"
-    )
+    try:
+        create_markdown_artifact(
+            markdown=markdown,
+            key=report_key(reg.model_name),
+            description=f"{reg.model_name} report",
+        )
+    except httpx.TransportError as err:  # the work is done: losing its report must not fail it
+        print(f"The run's report could not be saved: the Prefect API did not answer ({err}).")
     return markdown

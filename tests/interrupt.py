@@ -94,15 +94,12 @@ def paused_at(proc: subprocess.Popen[bytes], folder: Path, step: str, timeout: f
     """Wait until `proc` pauses at `step` (True) or ends (False)."""
     marker = folder / f"paused-{step}"
     eventually(lambda: marker.exists() or proc.poll() is not None, timeout, f"pausing at {step}")
-    if marker.exists():
-        marker.unlink()
-        return True
-    return False
+    return marker.exists()
 
 
 def resume(folder: Path, step: str) -> None:
-    """Let a process paused at `step` go on."""
-    (folder / f"resume-{step}").write_text("")
+    """Let a process paused at `step` go on (`ctcd.seams`: its marker removed)."""
+    (folder / f"paused-{step}").unlink()
 
 
 def outcome(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> str:

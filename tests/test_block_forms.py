@@ -20,11 +20,14 @@ from typing import Any
 import hvac
 import pytest
 from prefect import flow
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 from selenium.webdriver.common.by import By
 
 from blocks import (
+    KServeModelDeployer,
     MLflowModelDeployer,
     MLflowTracking,
     ObjectStoreCredentials,
@@ -93,9 +96,17 @@ def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def api(ui: str) -> Iterator[str]:
-    """Block.load, saves and flow runs go to the UI's server (not the session's harness)."""
+    """Block.load, saves and flow runs go to the UI's server (not the session's harness).
+    Prefect's events and log workers are per process and keep the API URL they started with:
+    drain them while this server still runs, so later tests' events reach the harness (left
+    running, they send every later event to this server after it stops, and the session hangs
+    at exit draining them)."""
     with temporary_settings(updates={PREFECT_API_URL: f"{ui}/api"}):
-        yield ui
+        try:
+            yield ui
+        finally:
+            for worker in (EventsWorker, APILogWorker):
+                worker.drain_all(timeout=30, at_exit=False)
 
 
 def in_a_flow(check: Callable[[], Any]) -> Any:
@@ -213,31 +224,50 @@ def test_object_store_credentials(driver, api, bao, version) -> None:
         reopened_and_saved(form, block_id, keys, ("Vault", "VaultCredentials"))
 
 
+# The cluster deployers: block type slug, class, and how each puts the bucket's secret key in the
+# Secret it sends (Seldon: an rclone config; KServe: the AWS names its credential builder reads).
+CLUSTER_DEPLOYERS = {
+    "seldon-model-deployer": (
+        SeldonModelDeployer,
+        lambda store, ns: store.kubernetes_secret("ctcd-model-store", ns)["stringData"][
+            "RCLONE_CONFIG_S3_SECRET_ACCESS_KEY"
+        ],
+    ),
+    "kserve-model-deployer": (
+        KServeModelDeployer,
+        lambda store, ns: store.kserve_secret("ctcd-kserve-s3", ns)["stringData"][
+            "AWS_SECRET_ACCESS_KEY"
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("slug", list(CLUSTER_DEPLOYERS))
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_seldon_model_deployer(driver, api, bao, version) -> None:
-    form, name = BlockForm(driver, api, version), _name("seldon")
+def test_cluster_model_deployer(driver, api, bao, version, slug) -> None:
+    kind, secret_key = CLUSTER_DEPLOYERS[slug]
+    form, name = BlockForm(driver, api, version), _name(slug.split("-")[0])
     store = _name("store")
     ObjectStoreCredentials(
         access_key_id=VaultSecret(path="ctcd/store", key="access_key_id"),
         secret_access_key=VaultSecret(path="ctcd/store", key="secret_access_key"),
         vault=VaultCredentials.load(_vault(bao)),
     ).save(store)
-    form.create("seldon-model-deployer", name)
+    form.create(slug, name)
     assert form.tabs("Cluster Config")[NONE[version]]
     assert form.tabs("Object Store")[NONE[version]]
-    form.text("Base Url", "http://seldon.example.internal")
+    form.text("Base Url", "http://models.example.internal")
     form.text("Namespace", "models")
     block_id = form.save()
 
     def secret_keys() -> tuple[bool, str | None]:
-        deployer = load_deployer(f"seldon-model-deployer/{name}")
-        assert isinstance(deployer, SeldonModelDeployer)
+        deployer = load_deployer(f"{slug}/{name}")
+        assert isinstance(deployer, kind)
         assert deployer.namespace == "models"
         if deployer.object_store is None:
             return deployer.cluster_config is None, None
-        secret = deployer.object_store.kubernetes_secret("ctcd-model-store", deployer.namespace)
         return deployer.cluster_config is None, _digest(
-            secret["stringData"]["RCLONE_CONFIG_S3_SECRET_ACCESS_KEY"]
+            secret_key(deployer.object_store, deployer.namespace)
         )
 
     assert in_a_flow(secret_keys) == (True, None)

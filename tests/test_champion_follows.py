@@ -58,6 +58,7 @@ def _killed_at(params: dict, step: str, home: Path, log: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+    (home / f"paused-{step}").unlink(missing_ok=True)
 
 
 @pytest.mark.timeout(900)
