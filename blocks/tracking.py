@@ -153,15 +153,7 @@ class MLflowTracking(Block):
             headers["Authorization"] = f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"
         elif env["MLFLOW_TRACKING_USERNAME"]:
             auth = (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
-        url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
-        try:
-            response = requests.get(
-                url, auth=auth, headers=headers, verify=self.verify, timeout=self.request_timeout
-            )
-        except requests.RequestException as err:
-            raise TrackingError(
-                uri, f"unreachable ({type(err).__name__})", "the URI and that the server runs"
-            ) from None
+        response = probe(uri, self.request_timeout, auth, headers, self.verify)
         who = "the token" if self.token is not None else f"user '{self.username}'"
         what = "token" if self.token is not None else "password"
         if response.status_code == 401:
@@ -187,6 +179,44 @@ class MLflowTracking(Block):
             _apply(saved)
 
 
+PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+PREFLIGHT_TIMEOUT = 10.0
+
+
+def probe(
+    uri: str, timeout: float, auth: Any = None, headers: Any = None, verify: bool | str = True
+) -> requests.Response:
+    """One request to an HTTP tracking server (no retries); `TrackingError` if none answers."""
+    try:
+        return requests.get(
+            uri.rstrip("/") + PROBE, auth=auth, headers=headers, verify=verify, timeout=timeout
+        )
+    except requests.RequestException as err:
+        raise TrackingError(
+            uri,
+            f"unreachable (GET {PROBE} with a {timeout:g} s timeout: {type(err).__name__}); "
+            "nothing was trained, registered or deployed",
+            "that the server runs (start it) and that MLFLOW_TRACKING_URI or the tracking "
+            "block's `tracking_uri` names it",
+        ) from None
+
+
+def check_configured() -> None:
+    """Before a flow's work, with no tracking block: bound MLflow's retries and make sure the
+    HTTP tracking server `MLFLOW_TRACKING_URI` names answers (a local store needs nothing)."""
+    from ctcd.settings import tracking_uri
+
+    uri = tracking_uri()
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    verify: bool | str = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or (
+        os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true"
+    )
+    response = probe(uri, PREFLIGHT_TIMEOUT, verify=verify)
+    if response.status_code >= 500:
+        raise TrackingError(uri, f"it answered HTTP {response.status_code}", "the server's log")
+
+
 def _apply(env: dict[str, str | None]) -> None:
     for name, value in env.items():
         if value is None:
@@ -197,9 +227,10 @@ def _apply(env: dict[str, str | None]) -> None:
 
 @contextmanager
 def use_tracking(name: str | None) -> Iterator[MLflowTracking | None]:
-    """The saved tracking block `name`, active until exit; None keeps `MLFLOW_TRACKING_URI`
-    (or local SQLite) as it is."""
+    """The saved tracking block `name`, checked and active until exit; None keeps
+    `MLFLOW_TRACKING_URI` (or local SQLite) as it is, once its server answered."""
     if name is None:
+        check_configured()
         yield None
         return
     try:

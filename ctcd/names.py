@@ -13,6 +13,10 @@ CHALLENGER = "challenger"
 
 # MLflow tags.
 GATE_TAG = "ctcd.gate"  # on a model version: the gate's decision and why
+# The decision a later run gives a version whose own run died before its gate decided.
+INTERRUPTED = "interrupted"
+# On a model version: why `champion` was moved to it (it serves; the alias named another).
+CHAMPION_REPAIR_TAG = "ctcd.champion_repaired"
 FLOW_RUN_TAG = "ctcd.prefect_flow_run_id"  # on a run: the Prefect flow run that trained it
 DATA_SHA_TAG = "ctcd.data_sha256"  # on a run: the training table's content hash
 DATA_SOURCE_TAG = "ctcd.data_source"  # on a run: where the training table was read

@@ -1,10 +1,11 @@
 """The named seams where a test reaches into a running process, in one place.
 
-- `pause_point(step, folder)`: with `CTCD_TEST_PAUSE=<step>`, the process that reaches `step`
-  writes `paused-<step>` (its PID) into `folder` and sleeps until killed, so a test can kill it at
-  exactly that moment (a deploy after writing the desired state, the master after retiring a
-  worker, ...), or until the test removes that file: then it goes on (to kill something else
-  meanwhile, e.g. the Prefect server). The steps are listed in `STEPS`.
+- `pause_point(step, folder)`: with `CTCD_TEST_PAUSE=<step>` (or a comma-separated list of
+  steps), the process that reaches `step` writes `paused-<step>` (its PID) into `folder` and
+  sleeps until killed, so a test can kill it at exactly that moment (a deploy after writing the
+  desired state, the master after retiring a worker, ...), or until the test removes that file:
+  then it goes on (to kill or restart something else meanwhile, e.g. the Prefect or MLflow
+  server). The steps are listed in `STEPS`.
 - `load_delay()`: with `CTCD_TEST_LOAD_DELAY_S`, a model-server worker spends that many seconds
   more loading its model, so a test can see whether any request waits for a loading worker.
 
@@ -25,13 +26,17 @@ STEPS = (
     "worker-announced",  # a deploy saw a new worker announce the desired version
     "worker-leaving",  # a deploy saw an old worker told to leave
     "master-retired",  # the master told a worker to leave
+    "champion-reading",  # a gating run, before it reads the champion (folder: CTCD_HOME)
+    "gate-decided",  # a gating run decided, before it deploys or records (folder: CTCD_HOME)
+    "gate-locking",  # a gating run registered its version, before the model's lock (CTCD_HOME)
+    "deployed",  # a gating run's deploy returned, before it writes the alias (CTCD_HOME)
 )
 
 
 def pause_point(step: str, folder: Path) -> None:
     """Stop here until killed or resumed when `CTCD_TEST_PAUSE` names `step` (see the module
     docstring)."""
-    if os.environ.get(PAUSE_ENV) != step:
+    if step not in os.environ.get(PAUSE_ENV, "").split(","):
         return
     marker = folder / f"paused-{step}"
     marker.write_text(str(os.getpid()))

@@ -12,6 +12,24 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+# MLflow's own HTTP defaults retry an unreachable server for about 4.5 minutes per call (7
+# retries, backoff factor 2, 120 s timeout). ctcd's processes use these unless the user (or a
+# tracking block, which sets retries and timeout) chose otherwise: a dead server fails a call
+# in seconds.
+MLFLOW_REQUEST_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+def bound_mlflow_requests() -> None:
+    """Set `MLFLOW_REQUEST_DEFAULTS` in this process's environment (and so its children's)
+    where the variable is not set already."""
+    for name, value in MLFLOW_REQUEST_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
 
 def ctcd_home() -> Path:
     """The folder for all of ctcd's local state, created on first use."""
@@ -21,7 +39,9 @@ def ctcd_home() -> Path:
 
 
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` if set, else SQLite in `CTCD_HOME`."""
+    """`MLFLOW_TRACKING_URI` if set, else SQLite in `CTCD_HOME`. (Bounds MLflow's HTTP
+    retries first: whoever asks where MLflow is is about to call it.)"""
+    bound_mlflow_requests()
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ctcd_home() / 'mlflow.db'}"
 
 

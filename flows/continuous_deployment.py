@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -15,7 +16,6 @@ from blocks.tracking import use_tracking
 from ctcd.exceptions import DataError, ModelConfigError
 from ctcd.names import (
     CHALLENGER,
-    CHAMPION,
     DATA_SHA_TAG,
     DATA_SOURCE_TAG,
     DEFAULT_PIPELINE,
@@ -23,9 +23,18 @@ from ctcd.names import (
     FLOW_RUN_TAG,
     GATE_TAG,
 )
+from ctcd.seams import pause_point
+from ctcd.settings import ctcd_home
 from flows import ctcd_flow
+from flows.champion import gating, record_deployed
 from flows.data import CleanData, Contract, Dataset, clean_data, ingest_data
-from flows.gate import DeploymentCriteria, deployment_trigger, evaluate_champion
+from flows.gate import (
+    ChampionScore,
+    DeploymentCriteria,
+    GateDecision,
+    deployment_trigger,
+    evaluate_champion,
+)
 from flows.model import ModelType, RegisteredModel
 from flows.report import RunFacts, publish_report
 from flows.results import DeploymentResult
@@ -109,6 +118,47 @@ def continuous_deployment_pipeline(
         )
 
 
+def _deploy_or_record(reg: RegisteredModel, deployer: str | None, reason: str) -> ServiceRecord:
+    """Deploy; if the deploy fails, keep that as the version's decision, then raise."""
+    import mlflow
+
+    try:
+        return deploy_model(reg, deployer)
+    except Exception as err:
+        decision = f"passed, but its deploy failed ({type(err).__name__}): {reason}"
+        with contextlib.suppress(Exception):  # MLflow down too: the next run says `interrupted`
+            mlflow.MlflowClient().set_model_version_tag(
+                reg.model_name, reg.model_version, GATE_TAG, decision[:4000]
+            )
+        raise
+
+
+def _decide_and_act(
+    reg: RegisteredModel,
+    metrics: dict[str, float],
+    data: CleanData,
+    criteria: DeploymentCriteria,
+    deployer: str | None,
+) -> tuple[ChampionScore | None, GateDecision, str, ServiceRecord | None]:
+    """Compare with the champion, decide, and deploy (champion) or not (challenger).
+    Returns the champion's score, the decision, the verdict recorded, and the server."""
+    champion = evaluate_champion(reg.model_name, data)
+    decision = deployment_trigger(metrics, criteria, champion)
+    pause_point("gate-decided", ctcd_home())
+    print(f"Gate for {reg.model_name} v{reg.model_version}: {decision.reason}")
+    if not decision.passed:
+        verdict = "refused: " + decision.reason
+        _record_gate(reg.model_name, reg.model_version, CHALLENGER, verdict)
+        running = load_deployer(deployer).find_model_server(
+            pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=reg.model_name
+        )
+        return champion, decision, verdict, running[0] if running else None
+    service = _deploy_or_record(reg, deployer, decision.reason)
+    pause_point("deployed", ctcd_home())
+    passed, verdict = record_deployed(reg.model_name, reg.model_version, decision.reason, deployer)
+    return champion, GateDecision(passed, verdict.split(": ", 1)[1]), verdict, service
+
+
 def gate_and_deploy(
     reg: RegisteredModel,
     metrics: dict[str, float],
@@ -120,20 +170,10 @@ def gate_and_deploy(
     """Gate a registered version on its held-out rows; deploy it and make it champion if it
     passes, else mark it challenger. Publishes the run's report."""
     criteria = DeploymentCriteria.model_validate(criteria or {})
-    champion = evaluate_champion(reg.model_name, data)
-    decision = deployment_trigger(metrics, criteria, champion)
-    print(f"Gate for {reg.model_name} v{reg.model_version}: {decision.reason}")
-    service: ServiceRecord | None
-    verdict = ("deployed: " if decision.passed else "refused: ") + decision.reason
-    if decision.passed:
-        service = deploy_model(reg, deployer)
-        _record_gate(reg.model_name, reg.model_version, CHAMPION, verdict)
-    else:
-        _record_gate(reg.model_name, reg.model_version, CHALLENGER, verdict)
-        running = load_deployer(deployer).find_model_server(
-            pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=reg.model_name
+    with gating(reg.model_name, reg.model_version, deployer):
+        champion, decision, verdict, service = _decide_and_act(
+            reg, metrics, data, criteria, deployer
         )
-        service = running[0] if running else None
     publish_report(
         RunFacts(reg, metrics, dataset.source, dataset.sha256, len(data.x_test)),
         verdict,

@@ -8,8 +8,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
+from ctcd.exceptions import TrackingError
 from ctcd.metrics import Metric, at_least_as_good, score
 from ctcd.names import CHAMPION
+from ctcd.seams import pause_point
+from ctcd.settings import ctcd_home
 from flows.data import CleanData
 
 
@@ -44,23 +47,61 @@ class GateDecision:
     reason: str
 
 
-@task(cache_policy=NO_CACHE)
-def evaluate_champion(model_name: str, data: CleanData) -> ChampionScore | None:
-    """Score the `champion` version on the candidate's held-out rows (None: no champion)."""
+def champion_version(model_name: str) -> str | None:
+    """The version holding `champion` (None: the model has no champion yet). Any other
+    failure to read the registry raises `TrackingError`: an outage is not "no champion"."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
     try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION).version
-    except MlflowException:
+        model = mlflow.MlflowClient().get_registered_model(model_name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise _unreadable(model_name, "its champion could not be read", err) from None
+    except Exception as err:  # requests' errors, when MLflow does not wrap them
+        raise _unreadable(model_name, "its champion could not be read", err) from None
+    version = (model.aliases or {}).get(CHAMPION)
+    return None if version is None else str(version)
+
+
+def _unreadable(model_name: str, what: str, err: Exception) -> TrackingError:
+    import mlflow
+
+    cause = " ".join(str(err).split())[:300]
+    return TrackingError(
+        mlflow.get_tracking_uri(),
+        f"{model_name}: {what} ({type(err).__name__}: {cause}), so the gate cannot compare "
+        "the candidate with it and nothing was deployed; the champion keeps serving",
+        "that the server runs and answers (start it, or fix MLFLOW_TRACKING_URI or the "
+        "tracking block), then run again",
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_champion(model_name: str, data: CleanData) -> ChampionScore | None:
+    """Score the `champion` version on the candidate's held-out rows (None: no champion).
+
+    Raises `TrackingError` when the registry or the champion's files cannot be read (an
+    outage fails the run: it never passes the gate). A champion that loads but cannot score
+    these rows (e.g. a column it needs is gone) is a real incompatibility: its note says so."""
+    import mlflow
+
+    pause_point("champion-reading", ctcd_home())
+    version = champion_version(model_name)
+    if version is None:
         return None
     try:
-        champion = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
-        return ChampionScore(str(version), score(data.y_test, champion.predict(data.x_test)))
+        path = mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}")
+    except Exception as err:
+        what = f"champion v{version}'s files could not be read"
+        raise _unreadable(model_name, what, err) from None
+    try:
+        champion = mlflow.pyfunc.load_model(path)
+        return ChampionScore(version, score(data.y_test, champion.predict(data.x_test)))
     except Exception as err:
         note = f"champion v{version} cannot score these rows ({type(err).__name__}: {err})"
-        return ChampionScore(str(version), None, note[:400])
+        return ChampionScore(version, None, note[:400])
 
 
 @task(cache_policy=NO_CACHE)

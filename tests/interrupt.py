@@ -54,3 +54,57 @@ def deploy_killed_at(
     [marker] = markers
     marker.unlink()
     return marker.parent
+
+
+FLOW_SCRIPT = """
+import json, sys
+from flows.continuous_deployment import continuous_deployment_pipeline as flow
+try:
+    r = flow(**json.loads(sys.argv[1]))
+except Exception as err:
+    print("ERROR", type(err).__name__, err, flush=True)
+    sys.exit(3)
+print("RESULT", json.dumps({"deployed": r.deployed, "version": r.model_version,
+                            "reason": r.reason}), flush=True)
+"""
+
+
+def start_flow(
+    params: dict[str, Any], pause: str, log: Path, extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Run `continuous_deployment_pipeline(**params)` in a fresh process (the flow process)
+    told to stop at the steps `pause` names (comma-separated); its output goes to `log`.
+    It uses this test's Prefect API."""
+    import json
+
+    from prefect.settings import PREFECT_API_URL
+
+    api = str(PREFECT_API_URL.value())
+    env = os.environ | {"CTCD_TEST_PAUSE": pause, "PREFECT_API_URL": api} | (extra or {})
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", FLOW_SCRIPT, json.dumps(params)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def paused_at(proc: subprocess.Popen[bytes], folder: Path, step: str, timeout: float) -> bool:
+    """Wait until `proc` pauses at `step` (True) or ends (False)."""
+    marker = folder / f"paused-{step}"
+    eventually(lambda: marker.exists() or proc.poll() is not None, timeout, f"pausing at {step}")
+    return marker.exists()
+
+
+def resume(folder: Path, step: str) -> None:
+    """Let a process paused at `step` go on (`ctcd.seams`: its marker removed)."""
+    (folder / f"paused-{step}").unlink()
+
+
+def outcome(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
+    """The line the flow process ended with (`RESULT {...}` or `ERROR Type message`)."""
+    proc.wait(timeout)
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith(("RESULT", "ERROR"))]
+    assert lines, f"the flow process printed no outcome:\n{log.read_text()[-3000:]}"
+    return lines[-1]
