@@ -11,7 +11,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
 
-from tests.browser import open_page, wait_for
+from tests.browser import WAIT_S, open_page, wait_for
 
 CONTROLS = ".//input[not(@type='checkbox') and not(@type='hidden')] | .//textarea"
 # The tab labels of the two UIs for `null` and for a string.
@@ -33,7 +33,23 @@ class BlockForm:
     def edit(self, block_id: str) -> None:
         open_page(self.driver, f"{self.prefix}/blocks/block/{block_id}/edit")
         wait_for(self.driver, lambda d: self._save_button(), "the Save button")
-        time.sleep(0.5)  # the form settles its tabs after the saved values load
+        self._settled()
+
+    def _settled(self, quiet_s: float = 1.0) -> None:
+        """Wait until the form stops changing for `quiet_s` (it selects its tabs after the saved
+        values load, later on a loaded machine); a fixed pause made the tab checks flaky."""
+        last, since = None, time.monotonic()
+        deadline = since + WAIT_S
+        while time.monotonic() < deadline:
+            now = self.driver.execute_script(
+                "const f = document.querySelector('form'); return f ? f.innerHTML : '';"
+            )
+            if now != last:
+                last, since = now, time.monotonic()
+            elif now and time.monotonic() - since >= quiet_s:
+                return
+            time.sleep(0.2)
+        # still changing after WAIT_S: go on; the check that follows says what it found
 
     def _name_box(self, driver: Any) -> Any:
         css = "input[name=blockName]" if self.version == "v2" else "input.p-text-input__control"
