@@ -108,3 +108,27 @@ def outcome(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
     lines = [ln for ln in log.read_text().splitlines() if ln.startswith(("RESULT", "ERROR"))]
     assert lines, f"the flow process printed no outcome:\n{log.read_text()[-3000:]}"
     return lines[-1]
+
+
+def served(model_name: str) -> tuple[str, str | None]:
+    """The version the model's local server records, and the one it answers with."""
+    import httpx
+
+    from blocks import MLflowModelDeployer
+
+    [record] = MLflowModelDeployer().find_model_server(model_name=model_name)
+    url = record.prediction_url.replace("/invocations", "/metadata")
+    try:
+        answered = str(httpx.get(url, timeout=5).json()["model_version"])
+    except (httpx.HTTPError, ValueError, KeyError):
+        answered = None
+    return record.model_version, answered
+
+
+def champion(model_name: str) -> str:
+    """The version the `champion` alias names."""
+    import mlflow
+
+    from ctcd.names import CHAMPION
+
+    return str(mlflow.MlflowClient().get_model_version_by_alias(model_name, CHAMPION).version)

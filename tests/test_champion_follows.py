@@ -17,31 +17,15 @@ import signal
 import socket
 from pathlib import Path
 
-import httpx
 import mlflow
 import pytest
 
 from blocks import MLflowModelDeployer
-from ctcd.names import CHAMPION, CHAMPION_REPAIR_TAG, GATE_TAG
+from ctcd.names import CHAMPION_REPAIR_TAG, GATE_TAG
 from flows.continuous_deployment import continuous_deployment_pipeline
-from tests.interrupt import outcome, paused_at, resume, start_flow
+from tests.interrupt import champion, outcome, paused_at, resume, served, start_flow
 
 pytestmark = pytest.mark.server
-
-
-def _served(model_name: str) -> tuple[str, str | None]:
-    """The version the model's server records, and the one it answers with."""
-    [record] = MLflowModelDeployer().find_model_server(model_name=model_name)
-    url = record.prediction_url.replace("/invocations", "/metadata")
-    try:
-        answered = str(httpx.get(url, timeout=5).json()["model_version"])
-    except (httpx.HTTPError, ValueError, KeyError):
-        answered = None
-    return record.model_version, answered
-
-
-def _champion(model_name: str) -> str:
-    return str(mlflow.MlflowClient().get_model_version_by_alias(model_name, CHAMPION).version)
 
 
 def _tags(model_name: str, version: str) -> dict[str, str]:
@@ -71,17 +55,17 @@ def test_after_a_killed_run_the_champion_is_what_serves_and_every_version_has_a_
     v2, v3, v4 = (str(int(v1) + n) for n in (1, 2, 3))
 
     _killed_at(params, "deployed", ctcd_home, tmp_path / "run2.log")  # v2 serves, alias v1
-    assert _served(model_name) == (v2, v2) and _champion(model_name) == v1
+    assert served(model_name) == (v2, v2) and champion(model_name) == v1
 
     _killed_at(params, "champion-reading", ctcd_home, tmp_path / "run3.log")
     # The run gating v3 repaired the alias before it read the champion.
-    assert _champion(model_name) == v2
+    assert champion(model_name) == v2
     assert f"served v{v2}" in _tags(model_name, v2)[CHAMPION_REPAIR_TAG]
 
     fourth = continuous_deployment_pipeline(**params)
     assert fourth.model_version == v4
     assert f"champion v{v2}" in fourth.reason  # compared with the model that served
-    assert fourth.deployed and _champion(model_name) == v4 == _served(model_name)[1]
+    assert fourth.deployed and champion(model_name) == v4 == served(model_name)[1]
     decided_v2 = _tags(model_name, v2)[GATE_TAG]
     assert decided_v2.startswith("interrupted") and "after deploying it" in decided_v2
     decided_v3 = _tags(model_name, v3)[GATE_TAG]
@@ -111,8 +95,8 @@ def test_two_runs_at_once_leave_the_champion_naming_what_serves(
                 proc.kill()
                 proc.wait(10)
     assert all(line.startswith("RESULT") for line in ended), ended
-    recorded, answered = _served(model_name)
-    assert recorded == answered == _champion(model_name), (recorded, answered, ended)
+    recorded, answered = served(model_name)
+    assert recorded == answered == champion(model_name), (recorded, answered, ended)
 
 
 @pytest.mark.timeout(600)
@@ -162,7 +146,7 @@ def test_a_run_overtaken_by_another_machines_deploy_says_so(
         resume(homes[0], "deployed")
         ended_a = outcome(a, logs[0], 300)
         [record] = deployer.find_model_server(model_name=model_name)
-        served = record.model_version
+        serving = record.model_version
     finally:
         for proc in (a, b):
             if proc is not None and proc.poll() is None:
@@ -171,6 +155,6 @@ def test_a_run_overtaken_by_another_machines_deploy_says_so(
         for found in deployer.find_model_server():
             deployer.delete_model_server(found.uuid, timeout=5)
     assert ended_b.startswith("RESULT") and '"deployed": true' in ended_b, ended_b
-    assert served == str(int(v1) + 2) == _champion(model_name)  # b's version serves
+    assert serving == str(int(v1) + 2) == champion(model_name)  # b's version serves
     assert '"deployed": false' in ended_a and "replaced it" in ended_a, ended_a
     assert _tags(model_name, str(int(v1) + 1))[GATE_TAG].startswith("overtaken")

@@ -15,16 +15,14 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import mlflow
 import pytest
 
-from blocks import MLflowModelDeployer
 from ctcd.exceptions import TrackingError
-from ctcd.names import CHAMPION, FLOW_RUN_TAG, GATE_TAG
+from ctcd.names import FLOW_RUN_TAG, GATE_TAG
 from ctcd.settings import MLFLOW_REQUEST_DEFAULTS, tracking_uri
 from flows.continuous_deployment import continuous_deployment_pipeline
-from tests.interrupt import outcome, paused_at, resume, start_flow
+from tests.interrupt import champion, outcome, paused_at, resume, served, start_flow
 from tests.mlflow_server import MlflowServer
 from tests.test_tracking import _task_runs
 
@@ -46,28 +44,13 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mlflow
         mlflow.set_tracking_uri(before)
 
 
-def _served(model_name: str) -> tuple[str, str | None]:
-    """The version the model's server records, and the one it answers with."""
-    [record] = MLflowModelDeployer().find_model_server(model_name=model_name)
-    url = record.prediction_url.replace("/invocations", "/metadata")
-    try:
-        answered = str(httpx.get(url, timeout=5).json()["model_version"])
-    except (httpx.HTTPError, ValueError, KeyError):
-        answered = None
-    return record.model_version, answered
-
-
-def _champion(model_name: str) -> str:
-    return str(mlflow.MlflowClient().get_model_version_by_alias(model_name, CHAMPION).version)
-
-
 @pytest.mark.timeout(600)
 def test_mlflow_down_while_the_gate_reads_the_champion_fails_the_run(
     tracking, ctcd_home, small_csv, model_name, tmp_path
 ):
     params = {"data_path": small_csv, "model_name": model_name, "model_type": "linear"}
     first = continuous_deployment_pipeline(**params)
-    assert first.deployed and _champion(model_name) == first.model_version
+    assert first.deployed and champion(model_name) == first.model_version
 
     log = tmp_path / "flow.log"
     proc = start_flow(params, "champion-reading,gate-decided", log)
@@ -88,8 +71,8 @@ def test_mlflow_down_while_the_gate_reads_the_champion_fails_the_run(
     assert ended.startswith("ERROR TrackingError"), ended
     for words in (tracking.uri, "champion could not be read", "nothing was deployed", "start it"):
         assert words in ended, ended
-    assert _champion(model_name) == first.model_version  # the alias still names what serves
-    assert _served(model_name) == (first.model_version, first.model_version)
+    assert champion(model_name) == first.model_version  # the alias still names what serves
+    assert served(model_name) == (first.model_version, first.model_version)
     candidate = str(int(first.model_version) + 1)
     tags = mlflow.MlflowClient().get_model_version(model_name, candidate).tags
     assert not str(tags.get(GATE_TAG, "")).startswith("deployed")
