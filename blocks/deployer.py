@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 from prefect.blocks.core import Block
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.service import ServiceRecord, ServiceState
-from ctcd.exceptions import RollbackError, ServiceNotFoundError
+from ctcd.exceptions import ModelConfigError, RollbackError, ServiceNotFoundError
 from ctcd.names import CHAMPION
+from ctcd.rollout import OpenRollout, RolloutMode, RolloutPolicy
 
 
 class DeploymentConfig(BaseModel):
@@ -40,17 +41,48 @@ class BaseModelDeployer(Block, ABC):
 
     _block_type_slug = "ctcd-model-deployer"
 
+    rollout: RolloutMode = Field(
+        default="replace",
+        description="How a new version takes traffic when a flow does not say: `replace` (all "
+        "at once), `canary` (`traffic_percent` of requests) or `shadow` (a copy of "
+        "`shadow_percent` of requests, answers only logged) until `rollout-analysis` or "
+        "`ctcd models rollout promote|abort` decides.",
+    )
+    traffic_percent: float = Field(
+        default=10.0, gt=0, lt=100, description="canary: the candidate's share of requests, in %."
+    )
+    shadow_percent: float = Field(
+        default=100.0, gt=0, le=100, description="shadow: the share of requests copied, in %."
+    )
+
+    def rollout_policy(self, asked: RolloutPolicy | None = None) -> RolloutPolicy:
+        """The policy a deploy follows: the one asked for, else this block's."""
+        if asked is not None:
+            return asked
+        return RolloutPolicy(
+            mode=self.rollout, traffic_percent=self.traffic_percent,
+            shadow_percent=self.shadow_percent,
+        )  # fmt: skip
+
     def deploy_model(
         self,
         config: DeploymentConfig,
         replace: bool = True,
         timeout: float | None = None,
         keep_settings: bool = False,
+        rollout: RolloutPolicy | None = None,
     ) -> ServiceRecord:
         """Serve `config`'s model version; return the record once it answers requests. An
         existing server also takes this deployer's workers (replicas) and settings, unless
-        `keep_settings` (a rollback keeps what the server runs with)."""
+        `keep_settings` (a rollback keeps what the server runs with).
+
+        With a `canary` or `shadow` policy (`rollout`, else the block's), a running server
+        keeps serving its version and opens a rollout of this one beside it (the record's
+        `rollout`); `promote_rollout` or `abort_rollout` closes it. A server's first version
+        has nothing to be compared with, so it takes all traffic. A `replace` deploy closes
+        an open rollout: its version alone serves."""
         self._check_deployable(config)
+        policy = self.rollout_policy(rollout)
         with self._lock(config):
             existing = (
                 self.find_model_server(
@@ -61,9 +93,35 @@ class BaseModelDeployer(Block, ABC):
                 if replace
                 else []
             )
-            if existing:
-                return self._update(existing[0], config, timeout, keep_settings)
-            return self._create(config, timeout)
+            if not existing:
+                return self._create(config, timeout)
+            record = existing[0]
+            if policy.mode != "replace" and record.model_version != config.model_version:
+                opened = OpenRollout(
+                    mode=policy.mode, percent=policy.percent,
+                    champion_version=record.model_version,
+                    candidate_version=config.model_version, candidate_uri=config.model_uri,
+                    candidate_run_id=config.run_id,
+                )  # fmt: skip
+                return self._open_rollout(record, config, opened, timeout)
+            return self._update(record, config, timeout, keep_settings)
+
+    def promote_rollout(self, uuid: str, timeout: float | None = None) -> ServiceRecord:
+        """Close the server's open rollout in the candidate's favour: it takes every request
+        (a rolling swap, health-gated as a deploy) and the champion is kept in the history for
+        `rollback_model_server`. The registry's aliases are the caller's (see flows.rollout)."""
+        record = self.get_model_server(uuid)
+        opened = _open(record)
+        with self._lock(_config(record)):
+            return self._promote(self.get_model_server(record.uuid), opened, timeout)
+
+    def abort_rollout(self, uuid: str, timeout: float | None = None) -> ServiceRecord:
+        """Close the server's open rollout in the champion's favour: the candidate is removed
+        and the champion answers every request."""
+        record = self.get_model_server(uuid)
+        opened = _open(record)
+        with self._lock(_config(record)):
+            return self._abort(self.get_model_server(record.uuid), opened, timeout)
 
     def find_model_server(
         self,
@@ -177,6 +235,29 @@ class BaseModelDeployer(Block, ABC):
         """See `settings_differ` (the default finds none)."""
         return []
 
+    def _open_rollout(
+        self,
+        record: ServiceRecord,
+        config: DeploymentConfig,
+        rollout: OpenRollout,
+        timeout: float | None,
+    ) -> ServiceRecord:
+        """Serve `config` as a candidate beside the running version (the default refuses)."""
+        raise ModelConfigError(
+            f"The {type(self).__name__} cannot run a {rollout.mode} rollout; deploy with "
+            "rollout mode 'replace', or use a deployer that can (local MLflow, Seldon)."
+        )
+
+    def _promote(
+        self, record: ServiceRecord, rollout: OpenRollout, timeout: float | None
+    ) -> ServiceRecord:
+        raise ModelConfigError(f"The {type(self).__name__} cannot run rollouts.")
+
+    def _abort(
+        self, record: ServiceRecord, rollout: OpenRollout, timeout: float | None
+    ) -> ServiceRecord:
+        raise ModelConfigError(f"The {type(self).__name__} cannot run rollouts.")
+
     # Hooks each backend implements.
     @abstractmethod
     def _lock(self, config: DeploymentConfig) -> AbstractContextManager[object]: ...
@@ -210,6 +291,30 @@ class BaseModelDeployer(Block, ABC):
 
     @abstractmethod
     def _follow(self, record: ServiceRecord) -> Iterator[str]: ...
+
+
+def _open(record: ServiceRecord) -> OpenRollout:
+    if record.rollout is None:
+        raise ModelConfigError(
+            f"Server {record.uuid[:8]} of {record.model_name} has no open rollout: it serves "
+            f"v{record.model_version} alone (`ctcd models describe {record.uuid[:8]}`)."
+        )
+    return record.rollout
+
+
+def _config(record: ServiceRecord) -> DeploymentConfig:
+    return DeploymentConfig(
+        model_name=record.model_name, model_version=record.model_version,
+        model_uri=record.model_uri, pipeline_name=record.pipeline_name,
+        step_name=record.step_name, run_id=record.run_id,
+    )  # fmt: skip
+
+
+def candidate_config(record: ServiceRecord, rollout: OpenRollout) -> DeploymentConfig:
+    """The deployment of `record`'s candidate (what a promotion serves)."""
+    update = {"model_version": rollout.candidate_version, "model_uri": rollout.candidate_uri,
+              "run_id": rollout.candidate_run_id, "flow_run_id": None}  # fmt: skip
+    return _config(record).model_copy(update=update)
 
 
 def _previous_version(record: ServiceRecord) -> str:

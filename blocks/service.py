@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ctcd import client
 from ctcd.exceptions import ModelConfigError
 from ctcd.processes import ProcessRef
+from ctcd.rollout import OpenRollout
 from ctcd.serving.settings import ServerSettings
 
 
@@ -155,6 +156,11 @@ class ServiceRecord(BaseModel):
     last_error: str | None = Field(default=None, description="What the last action failed on.")
     prediction_url: str
     health_url: str
+    rollout: OpenRollout | None = Field(
+        default=None,
+        description="The rollout open on this server: a candidate version beside the one "
+        "serving (canary or shadow), until it is promoted or rolled back.",
+    )
     protocol: client.Protocol = Field(
         default="mlflow",
         description="What `prediction_url` speaks: MLflow scoring, Seldon v1 or V2.",
