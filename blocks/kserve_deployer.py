@@ -19,6 +19,7 @@ from blocks.object_store import ObjectStoreCredentials
 from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
 from blocks.ui import logo, optional_nested
 from ctcd.exceptions import KServeFailed, ModelServerError
+from ctcd.rollout import RolloutMode
 
 T = TypeVar("T")
 
@@ -88,7 +89,7 @@ class KServeModelDeployer(BaseModelDeployer):
         description="More fields of KServe's PredictorSpec (camelCase), e.g. `nodeSelector`, "
         "`tolerations`; a field the API server's schema would drop is refused by name.",
     )
-    rollout: str = Field(
+    rollout: RolloutMode = Field(
         default="replace",
         description="How a new version takes traffic: `replace` (the whole predictor rolls "
         "to it). KServe has no shadow traffic; canary comes with the progressive rollout.",
@@ -99,7 +100,7 @@ class KServeModelDeployer(BaseModelDeployer):
 
     @field_validator("rollout")
     @classmethod
-    def _known_rollout(cls, value: str) -> str:
+    def _known_rollout(cls, value: RolloutMode) -> RolloutMode:
         if value == "shadow":
             raise ValueError(
                 "KServe cannot shadow (mirror) traffic to a candidate (kserve#2978): use "

@@ -145,9 +145,7 @@ def wait_converged(record: ServiceRecord, generation: int, timeout: float) -> ds
     runtime = record.local.runtime_dir
     deadline = time.monotonic() + timeout
     want = _desired(record)
-    old = {
-        pid for pid, version, _ in observe_workers(record, want) if version != want.model_version
-    }
+    old = {pid for pid, version, _ in observe_workers(record, want) if version != ds.wanted(want)}
     while True:
         want = _desired(record)
         if want.generation != generation:
@@ -211,7 +209,7 @@ def _pause_on_progress(
     live = {pid for pid, _, _ in seen}
     if old - live or any(leaving for pid, _, leaving in seen if pid in old):
         seams.pause_point("worker-leaving", runtime)
-    if any(pid not in old and v == want.model_version for pid, v, _ in seen):
+    if any(pid not in old and v == ds.wanted(want) for pid, v, _ in seen):
         seams.pause_point("worker-announced", runtime)
 
 

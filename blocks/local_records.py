@@ -209,6 +209,7 @@ def _follow_desired(record: ServiceRecord, want: ds.DesiredState) -> ServiceReco
         "model_version": want.model_version,
         "model_uri": want.model_uri,
         "workers": want.workers,
+        "rollout": want.rollout,
     }
     update |= {key: getattr(want, key) for key in ("run_id", "flow_run_id") if getattr(want, key)}
     if want.rejected and record.last_error is None:

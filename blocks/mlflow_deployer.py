@@ -13,13 +13,15 @@ from pydantic import Field, HttpUrl
 
 from blocks import local_process as lp
 from blocks import local_records as store
-from blocks.deployer import BaseModelDeployer, DeploymentConfig
+from blocks import local_rollout
+from blocks.deployer import BaseModelDeployer, DeploymentConfig, candidate_config
 from blocks.local_recovery import refuse_unowned, sweep_leftovers
 from blocks.service import LocalRuntime, ServiceRecord, ServiceState
 from blocks.ui import logo
 from ctcd import processes as procs
 from ctcd.exceptions import ModelLoadError, ModelServerError, StateFileError
 from ctcd.files import locked
+from ctcd.rollout import OpenRollout
 from ctcd.seams import pause_point
 from ctcd.serving import desired as ds
 from ctcd.serving.settings import ServerKnobs, ServerSettings
@@ -240,12 +242,39 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         """The record of `record`'s server serving `config`, with this block's workers and
         settings unless `keep_settings` (its address stays either way)."""
         history = [*record.history, config.model_version][-ds.HISTORY_LIMIT :]
-        update: dict[str, object] = {**config.model_dump(), "history": history}
+        update: dict[str, object] = {**config.model_dump(), "history": history, "rollout": None}
         if not keep_settings:
             settings = {"server_settings": ServerSettings.of(self)}
             update |= {"workers": self.workers, "runtime": record.local.model_copy(update=settings),
                        "deployer_block": self.block_name()}  # fmt: skip
         return record.model_copy(update=update)
+
+    def _open_rollout(
+        self,
+        record: ServiceRecord,
+        config: DeploymentConfig,
+        rollout: OpenRollout,
+        timeout: float | None,
+    ) -> ServiceRecord:
+        """The candidate beside the model on every worker (`blocks.local_rollout`); a server
+        that never started takes the version alone (there is nothing to compare it with)."""
+        if store.never_started(record):
+            return self._update(record, config, timeout)
+        timeout = timeout or self.deploy_timeout
+        return local_rollout.open_rollout(record, config, rollout, timeout, self.stop_timeout)
+
+    def _promote(
+        self, record: ServiceRecord, rollout: OpenRollout, timeout: float | None
+    ) -> ServiceRecord:
+        """The candidate alone, swapped in as a deploy is (it keeps the server's settings)."""
+        config = candidate_config(record, rollout)
+        return self._update(record, config, timeout, keep_settings=True)
+
+    def _abort(
+        self, record: ServiceRecord, rollout: OpenRollout, timeout: float | None
+    ) -> ServiceRecord:
+        timeout = timeout or self.deploy_timeout
+        return local_rollout.abort(record, rollout, timeout, self.stop_timeout)
 
     def _undo(self, record: ServiceRecord, version: str, generation: int, error: str) -> bool:
         """After a timeout, ask a live server to go back to the version all its workers served

@@ -33,6 +33,7 @@ from ctcd.names import (
     INTERRUPTED,
 )
 from ctcd.seams import pause_point
+from ctcd.serving.desired import main_version
 from ctcd.settings import ctcd_home
 from flows.gate import champion_version
 
@@ -77,7 +78,7 @@ def served_version(model_name: str, deployer: str | None) -> str | None:
     )
     if not found:
         return None
-    workers = set(found[0].worker_versions.values())
+    workers = {main_version(named) for named in found[0].worker_versions.values()}
     return workers.pop() if len(workers) == 1 else found[0].model_version
 
 

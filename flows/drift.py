@@ -72,9 +72,10 @@ def parse_window(window: str) -> timedelta:
 
 @task(cache_policy=NO_CACHE)
 def served_traffic(model_name: str, window: str, deployer: str | None = None) -> pd.DataFrame:
-    """What the model's running server scored in the last `window` (its prediction log)."""
+    """What the model's running server answered in the last `window` (its prediction log,
+    without a shadow candidate's copies)."""
     from blocks.lookup import find_service
-    from ctcd.serving.predlog import read_log
+    from ctcd.serving.predlog import read_log, served_rows
 
     service = find_service(model_name, deployer=deployer)
     if not service.prediction_log_dir:
@@ -85,7 +86,7 @@ def served_traffic(model_name: str, window: str, deployer: str | None = None) ->
             "data_path to compare a table instead",
         )
     since = datetime.now(UTC) - parse_window(window)
-    return read_log(service.local.runtime_dir, since=since)
+    return served_rows(read_log(service.local.runtime_dir, since=since))
 
 
 def _same_test(name: str, reference: pd.Series, batch: pd.Series, psi_threshold: float,

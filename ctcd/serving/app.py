@@ -18,6 +18,11 @@ model's threading is set here, in memory (the registered artifact is unchanged):
 `n_jobs` and the BLAS/OpenMP pools get `CTCD_MODEL_THREADS` threads (default 1), so a
 single-row call starts no thread pool and the workers, not the model's threads, use the cores.
 What a worker answers is recorded in the server's prediction log (`ctcd.serving.predlog`).
+
+During a rollout (`current.json` names a candidate beside the model) a worker loads both, the
+candidate checked the same way, and `ctcd.serving.router` picks which one answers each request
+(canary) or has the candidate score copies (shadow). A candidate that fails its check leaves
+the worker serving the model alone and announcing the failure, so the master drops the rollout.
 """
 
 from __future__ import annotations
@@ -34,17 +39,20 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from mlflow.pyfunc import PyFuncModel, load_model, scoring_server
 
 from ctcd.exceptions import StateFileError
 from ctcd.files import write_json
+from ctcd.rollout import OpenRollout
 from ctcd.seams import load_delay
 from ctcd.serving import desired as ds
 from ctcd.serving.batching import BatchingModel, set_threads
 from ctcd.serving.fastpath import FastInvocations
 from ctcd.serving.limits import RequestGuard
 from ctcd.serving.predlog import PredictionLog
+from ctcd.serving.router import Model, RolloutRouter
 from ctcd.serving.settings import ServerSettings
 
 SERVICE_DIR = Path(os.environ["CTCD_SERVICE_DIR"])
@@ -81,15 +89,18 @@ def _load_checked(path: str) -> PyFuncModel:
     return loaded
 
 
-def _load() -> tuple[ds.ServedModel, PyFuncModel, dict[str, Any]]:
-    """(what it serves, the model, its announcement)"""
+Candidate = tuple[ds.ServedModel, PyFuncModel, OpenRollout] | None
+
+
+def _load() -> tuple[ds.ServedModel, PyFuncModel, dict[str, Any], Candidate]:
+    """(what it serves, the model, its announcement, the rollout's candidate and its model)"""
     current, problem = _desired()
     if current is None:
-        return _hold(str(problem))
+        return *_hold(str(problem)), None
     said = {"pid": os.getpid(), "generation": current.generation, "fallback": False,
             "settings_id": current.settings_id}  # fmt: skip
     try:
-        return current, _load_checked(current.model_path), said
+        loaded = _load_checked(current.model_path)
     except Exception as err:
         stable = ds.stable_or_none(SERVICE_DIR)
         if stable is None:
@@ -100,7 +111,33 @@ def _load() -> tuple[ds.ServedModel, PyFuncModel, dict[str, Any]]:
         )
         traceback.print_exc()
         said |= {"fallback": True, "error": f"{type(err).__name__}: {err}"[:500]}
-        return stable, _load_checked(stable.model_path), said
+        return stable, _load_checked(stable.model_path), said, None
+    return current, loaded, said, _candidate(current, said)
+
+
+def _candidate(current: ds.DesiredState, said: dict[str, Any]) -> Candidate:
+    """The rollout's candidate, loaded and checked; None (the failure in `said`) if it fails."""
+    rollout = current.rollout
+    if rollout is None or current.candidate_path is None:
+        return None
+    try:
+        model = _load_checked(current.candidate_path)
+    except Exception as err:
+        _say(
+            f"candidate version {rollout.candidate_version} failed to load or to score its "
+            f"input example; serving version {current.model_version} alone"
+        )
+        traceback.print_exc()
+        said |= {"fallback": True, "error": f"{type(err).__name__}: {err}"[:500],
+                 "failed_version": rollout.candidate_version}  # fmt: skip
+        return None
+    said["rollout"] = current.rollout_key
+    served = ds.ServedModel(
+        model_name=current.model_name, model_version=rollout.candidate_version,
+        model_uri=rollout.candidate_uri, model_path=current.candidate_path,
+        run_id=rollout.candidate_run_id,
+    )  # fmt: skip
+    return served, model, rollout
 
 
 def _hold(problem: str) -> tuple[ds.ServedModel, PyFuncModel, dict[str, Any]]:
@@ -130,30 +167,44 @@ def _announce(serving: ds.ServedModel, said: dict[str, Any]) -> None:
         os.kill(master, signal.SIGWINCH)
 
 
-SERVING, model, _SAID = _load()
-predictions = PredictionLog(SERVICE_DIR, SERVING.model_version, SETTINGS)
-atexit.register(predictions.close)
-scorer = BatchingModel(model, SETTINGS, log=predictions)
-app = scoring_server.init(scorer)  # type: ignore[arg-type]
-app.add_middleware(FastInvocations, scorer=scorer)
-# outermost of the two: its limits apply to both paths
+def _stack(served: ds.ServedModel, loaded: PyFuncModel, role: str) -> tuple[FastAPI, Model]:
+    """One model's scoring app: MLflow's route behind the fast path, and its log."""
+    log = PredictionLog(SERVICE_DIR, served.model_version, SETTINGS, role=role)
+    atexit.register(log.close)
+    batching = BatchingModel(loaded, SETTINGS, log=log)
+    scoring = scoring_server.init(batching)  # type: ignore[arg-type]
+    scoring.add_middleware(FastInvocations, scorer=batching)
+    scoring.state.scorer = batching
+    return scoring, Model(scoring, served.model_version, log)
+
+
+SERVING, model, _SAID, _CANDIDATE = _load()
+ROLLOUT = _CANDIDATE[2] if _CANDIDATE else None
+app, champion = _stack(SERVING, model, "champion")
+candidate = _stack(_CANDIDATE[0], _CANDIDATE[1], _CANDIDATE[2].role)[1] if _CANDIDATE else None
+scorer: BatchingModel = app.state.scorer
+predictions = champion.log
+app.add_middleware(RolloutRouter, champion=champion, candidate=candidate, rollout=ROLLOUT)
+# outermost: its limits apply to every path
 app.add_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes)
 
 
-@app.on_event("shutdown")  # type: ignore[untyped-decorator]
+@app.on_event("shutdown")
 async def _write_predictions() -> None:
     """A leaving worker (swap, stop) writes the predictions it still holds."""
     predictions.close()
+    if candidate is not None:
+        candidate.log.close()
 
 
-@app.on_event("startup")  # type: ignore[untyped-decorator]
+@app.on_event("startup")
 async def _request_threads() -> None:
     """MLflow scores each request in the event loop's default thread pool; give it enough
     threads that every concurrent request can wait for its batch (the default is 6 here)."""
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64))
 
 
-@app.get("/metadata")  # type: ignore[untyped-decorator]
+@app.get("/metadata")
 async def metadata() -> JSONResponse:
     keys = ("model_name", "model_version", "model_uri", "uuid")
     batching = {
@@ -165,6 +216,11 @@ async def metadata() -> JSONResponse:
     } | scorer.counts
     extra = {"worker_pid": os.getpid(), "model_threads": SETTINGS.model_threads,
              "batching": batching, "settings": SETTINGS.model_dump(mode="json")}  # fmt: skip
+    if candidate is not None and ROLLOUT is not None:
+        extra["rollout"] = ROLLOUT.model_dump(mode="json") | {
+            "candidate_requests": candidate.log.requests,
+            "candidate_failures": candidate.log.failures,
+        }
     return JSONResponse(SERVING.model_dump(include=set(keys)) | extra)
 
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ctcd.exceptions import StateFileError
 from ctcd.files import locked, read_json, read_model, write_json
+from ctcd.rollout import OpenRollout
 from ctcd.serving.settings import ServerSettings
 
 CURRENT = "current.json"
@@ -82,6 +83,21 @@ class DesiredState(ServedModel):
     settings: dict[str, Any] | None = None
     settings_id: str | None = None
     rejected: Rejected | None = None
+    rollout: OpenRollout | None = Field(
+        default=None, description="A candidate served beside the model (canary or shadow)."
+    )
+    candidate_path: str | None = Field(default=None, description="The candidate's copy.")
+
+    @property
+    def rollout_key(self) -> str | None:
+        """What a worker must announce it serves beside the model (None: no candidate)."""
+        return rollout_key(self.rollout)
+
+
+def rollout_key(rollout: OpenRollout | None) -> str | None:
+    if rollout is None:
+        return None
+    return f"{rollout.mode}:{rollout.percent:g}:{rollout.candidate_version}"
 
 
 class StableState(ServedModel):
@@ -160,11 +176,14 @@ def set_desired(
     expect_generation: int | None = None,
     rejected: Rejected | None = None,
     settings: ServerSettings | None = None,
+    rollout: tuple[OpenRollout, str] | None = None,
 ) -> int | None:
     """Write the desired state with the next generation and return that generation. With
     `expect_generation`, write only if the file still has that generation (else None).
-    `settings` (the workers' `ServerSettings`) default to those the file has now. A garbled
-    file is replaced (the next generation follows the highest one seen)."""
+    `settings` (the workers' `ServerSettings`) default to those the file has now. `rollout`
+    (the open rollout and the candidate's local copy) serves a candidate beside the model;
+    without it, the model serves alone. A garbled file is replaced (the next generation
+    follows the highest one seen)."""
     with _locked(runtime):
         generation, now = _last_generation(runtime)
         if expect_generation is not None and (now is None or generation != expect_generation):
@@ -180,6 +199,8 @@ def set_desired(
             data |= {"settings": now.settings, "settings_id": now.settings_id}
         if rejected:
             data["rejected"] = rejected.model_dump(mode="json")
+        if rollout is not None:
+            data |= {"rollout": rollout[0].model_dump(mode="json"), "candidate_path": rollout[1]}
         write_json(runtime / CURRENT, data, durable=True)
         return generation + 1
 
@@ -188,16 +209,35 @@ def serves(said: dict[str, Any], want: DesiredState) -> bool:
     """Whether a worker's announcement is what the desired state asks: its version, and its
     settings when the desired state names them."""
     same_settings = not want.settings_id or said.get("settings_id") == want.settings_id
-    return str(said.get("model_version")) == want.model_version and same_settings
+    same_rollout = said.get("rollout") == want.rollout_key
+    return str(said.get("model_version")) == want.model_version and same_settings and same_rollout
+
+
+def label(version: str, rollout: str | None) -> str:
+    """How observers name what a worker serves: its version, and a candidate beside it."""
+    if not rollout:
+        return version
+    mode, percent, candidate = rollout.split(":", 2)
+    return f"{version} + {candidate} ({mode} {percent} %)"
+
+
+def wanted(want: DesiredState) -> str:
+    """The label of a worker that serves `want`."""
+    return label(want.model_version, want.rollout_key)
 
 
 def served(said: dict[str, Any], want: DesiredState | None) -> str:
-    """What a worker serves, for observers: its version, marked when its settings are not the
+    """What a worker serves, for observers (`label`), marked when its settings are not the
     desired ones (such a worker is replaced like one of another version)."""
-    version = str(said.get("model_version"))
-    if want is not None and version == want.model_version and not serves(said, want):
-        return f"{version} (previous settings)"
-    return version
+    named = label(str(said.get("model_version")), said.get("rollout"))
+    if want is not None and named == wanted(want) and not serves(said, want):
+        return f"{named} (previous settings)"
+    return named
+
+
+def main_version(named: str) -> str:
+    """The version a label names as serving every request (the champion of a rollout)."""
+    return named.split(" ", 1)[0]
 
 
 def write_stable(runtime: Path, want: DesiredState) -> None:
@@ -273,7 +313,7 @@ Seen = list[tuple[int, str | None, bool]]
 def converged(seen: Seen, want: DesiredState) -> bool:
     """Whether exactly the desired number of workers run, all serving the desired version."""
     return len(seen) == want.workers and all(
-        version == want.model_version and not leaving for _, version, leaving in seen
+        version == wanted(want) and not leaving for _, version, leaving in seen
     )
 
 

@@ -112,7 +112,7 @@ class FastInvocations:
             self.scorer.counts["mlflow_path"] += 1
             await self.app(scope, receive, send)
             return
-        body = await _read(receive)
+        body = await read_body(receive)
         if body is None:  # the client went away
             return
         frame = parse(body, self.columns)
@@ -129,7 +129,7 @@ class FastInvocations:
                 await _send(send, 200, answer)
                 return
         self.scorer.counts["mlflow_path"] += 1
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay_body(body, receive), send)
 
     async def _score(self, frame: pd.DataFrame, request_id: str) -> bytes:
         predictions = await asyncio.wrap_future(self.scorer.submit(frame))
@@ -140,7 +140,7 @@ class FastInvocations:
         return out.getvalue().encode()
 
 
-async def _read(receive: Receive) -> bytes | None:
+async def read_body(receive: Receive) -> bytes | None:
     """The whole body, or None if the client went away."""
     chunks = []
     while True:
@@ -164,7 +164,7 @@ def _with_request_id(send: Send, request_id: bytes) -> Send:
     return sending
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
     """A `receive` that gives the app the body already read, then defers to the client's."""
     pending = [body]
 

@@ -122,7 +122,7 @@ class ConvergingArbiter(Arbiter):  # type: ignore[misc]
 
     def _reject(self, want: ds.DesiredState, said: dict[str, Any]) -> None:
         reason = f"a worker could not load or score it: {said.get('error')}"
-        version = want.model_version
+        version = str(said.get("failed_version") or want.model_version)
         if ds.revert_to_stable(self.runtime, want.workers, want.generation, version, reason):
             self.log.error("ctcd: version %s rejected (%s); serving the stable version again",
                            version, reason)  # fmt: skip
@@ -154,7 +154,7 @@ class ConvergingArbiter(Arbiter):  # type: ignore[misc]
             self._retire(pid, f"{count} workers are wanted")
         for _ in range(count - len(good) - len(loading)):
             self.spawn_worker()
-        seen: ds.Seen = [(pid, want.model_version, False) for pid in good]
+        seen: ds.Seen = [(pid, ds.wanted(want), False) for pid in good]
         seen += [(pid, None, False) for pid in loading] + [(p, None, True) for p in self.leaving]
         if ds.converged(seen, want):
             self._converged(want)
@@ -170,7 +170,7 @@ class ConvergingArbiter(Arbiter):  # type: ignore[misc]
     def _converged(self, want: ds.DesiredState) -> None:
         """Record that the workers serve `want` (`stable.json`: the model and its history),
         once per generation; not while holding on an unreadable desired state."""
-        key = (want.generation, want.model_version, want.workers)
+        key = (want.generation, ds.wanted(want), want.workers)
         if key == self.converged_on or self.problem is not None:
             return
         try:
@@ -179,7 +179,7 @@ class ConvergingArbiter(Arbiter):  # type: ignore[misc]
             self.log.error("ctcd: cannot record the stable version (%s); retrying", err)
             return
         self.converged_on = key
-        self.log.info("ctcd: all %s workers serve version %s", want.workers, want.model_version)
+        self.log.info("ctcd: all %s workers serve version %s", want.workers, ds.wanted(want))
 
 
 class ServerApp(WSGIApplication):  # type: ignore[misc]

@@ -7,7 +7,10 @@ input rows, the predictions) and a thread that writes the buffer out every `flus
     <runtime>/predictions/date=YYYY-MM-DD/hour=HH/<pid>-<start>-<sequence>.parquet
 
 partitioned by the hour of the requests (UTC), one row per input row: `ts`, `model_version`,
-`request_id`, `row` (its index within the request), the features, `prediction`. A file is
+`role` (`champion`; during a rollout `canary` for the candidate's answers, `shadow` for its
+copies, which pair with the champion's rows of the same `request_id`), `request_id`, `row` (its
+index within the request), `latency_ms` (from the request's arrival to its answer), the
+features, `prediction`. A file is
 written under a temporary name and renamed into place, so a reader never sees a partial file,
 whatever happens to the worker. Recording costs the request an append under a lock; when the
 buffer holds `buffer_rows` rows, further rows are dropped and counted, never waited for. A
@@ -48,15 +51,17 @@ from ctcd.serving import logstats
 from ctcd.serving.logstats import FOLDER, STATS, read_stats
 from ctcd.serving.settings import ServerSettings
 
-__all__ = ["FOLDER", "STATS", "PredictionLog", "read_log", "read_stats"]
+__all__ = ["FOLDER", "STATS", "PredictionLog", "read_log", "read_stats", "served_rows"]
 FULL = "buffer full"
-# (time, request id, column names, input rows, predictions)
-Entry = tuple[float, str, tuple[str, ...], np.ndarray, np.ndarray]
+# (time, request id, column names, input rows, predictions, latency in ms)
+Entry = tuple[float, str, tuple[str, ...], np.ndarray, np.ndarray, float]
 
 
 # The id of the request being answered, set by `ctcd.serving.fastpath` for every
 # `POST /invocations` (MLflow's route runs in a thread that inherits it).
 REQUEST_ID: ContextVar[str] = ContextVar("ctcd_request_id", default="")
+# When that request arrived (`time.perf_counter()`; 0: unknown), for its latency.
+REQUEST_START: ContextVar[float] = ContextVar("ctcd_request_start", default=0.0)
 
 
 PROBE_PREFIX = "ctcd-probe-"  # the deploy's own check of a new server: not logged
@@ -83,10 +88,15 @@ def request_id_from(header: bytes | None) -> str:
 class PredictionLog:
     """One worker's log (see the module docstring). `record` is safe from any thread."""
 
-    def __init__(self, runtime: Path, model_version: str, settings: ServerSettings) -> None:
+    def __init__(
+        self, runtime: Path, model_version: str, settings: ServerSettings, role: str = "champion"
+    ) -> None:
         self.folder = runtime / FOLDER
         self.version = str(model_version)
+        self.role = role
         self.settings = settings
+        self.requests = 0  # requests answered by this worker's model in this role
+        self.failures = 0  # of those, answered with an error (status 400 and above)
         self._buffer: deque[Entry] = deque()
         self._rows = 0
         self.dropped = 0
@@ -97,7 +107,9 @@ class PredictionLog:
         self._lock = threading.Lock()
         self._flushing = threading.Lock()
         self._sequence = 0
-        self._name = f"{os.getpid()}-{int(time.time() * 1000)}"
+        self.started = time.time()
+        self._name = f"{os.getpid()}-{int(self.started * 1000)}"
+        self._name += "" if role == "champion" else f"-{role}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if settings.prediction_log:
@@ -105,6 +117,12 @@ class PredictionLog:
                 (self.folder / STATS).mkdir(parents=True, exist_ok=True)
             self._thread = threading.Thread(target=self._run, name="ctcd-predlog", daemon=True)
             self._thread.start()
+
+    def answered(self, ok: bool) -> None:
+        """Count one request this model answered (`ok`: without an error status)."""
+        with self._lock:
+            self.requests += 1
+            self.failures += 0 if ok else 1
 
     def record(self, request_id: str, frame: pd.DataFrame, predictions: Any) -> None:
         """Buffer one answered request; drop it (counted) if the buffer is full."""
@@ -127,7 +145,10 @@ class PredictionLog:
                 self._rows -= rows
                 self._count(rows, "not storable (its rows or predictions are not an array)")
             return
-        entry = (time.time(), request_id, tuple(map(str, frame.columns)), values, predicted)
+        start = REQUEST_START.get()
+        latency = (time.perf_counter() - start) * 1000 if start else float("nan")
+        columns = tuple(map(str, frame.columns))
+        entry = (time.time(), request_id, columns, values, predicted, latency)
         self._buffer.append(entry)
 
     def _count(self, rows: int, reason: str) -> None:
@@ -207,7 +228,7 @@ class PredictionLog:
         return []
 
     def _write_group(self, hour: int, columns: tuple[str, ...], group: list[Entry]) -> None:
-        frame = _frame(self.version, columns, group)
+        frame = _frame(self.version, self.role, columns, group)
         folder = self.folder / datetime.fromtimestamp(hour * 3600, UTC).strftime(
             "date=%Y-%m-%d/hour=%H"
         )
@@ -235,7 +256,8 @@ class PredictionLog:
         stats = {"pid": os.getpid(), "written_rows": self.written, "dropped_rows": self.dropped,
                  "dropped_reasons": dict(self.reasons), "error": self.error,
                  "error_since": self.error_since, "model_version": self.version,
-                 "at": time.time()}  # fmt: skip
+                 "role": self.role, "requests": self.requests, "failures": self.failures,
+                 "started": self.started, "at": time.time()}  # fmt: skip
         with contextlib.suppress(OSError):
             (self.folder / STATS).mkdir(parents=True, exist_ok=True)
         logstats.save(self.folder / STATS / f"{self._name}.json", stats)
@@ -257,7 +279,7 @@ class PredictionLog:
             path.unlink(missing_ok=True)
 
 
-def _frame(version: str, columns: tuple[str, ...], group: list[Entry]) -> pd.DataFrame:
+def _frame(version: str, role: str, columns: tuple[str, ...], group: list[Entry]) -> pd.DataFrame:
     counts = [len(entry[3]) for entry in group]
     values = np.concatenate([entry[3] for entry in group])
     frame = pd.DataFrame(values, columns=list(columns))
@@ -266,8 +288,10 @@ def _frame(version: str, columns: tuple[str, ...], group: list[Entry]) -> pd.Dat
         {
             "ts": pd.to_datetime(np.repeat([e[0] for e in group], counts), unit="s", utc=True),
             "model_version": version,
+            "role": role,
             "request_id": np.repeat([e[1] for e in group], counts),
             "row": np.concatenate([np.arange(n) for n in counts]),
+            "latency_ms": np.repeat([e[5] for e in group], counts),
         }
     )
     if predicted.shape[1] == 1:
@@ -280,7 +304,8 @@ def _frame(version: str, columns: tuple[str, ...], group: list[Entry]) -> pd.Dat
 
 
 def read_log(runtime: Path | str, since: datetime | None = None) -> pd.DataFrame:
-    """Every logged row of a server (or since `since`), oldest first; empty if none."""
+    """Every logged row of a server (or since `since`), oldest first; empty if none. The
+    candidate's `shadow` rows are in it too: what clients were answered is `served_rows`."""
     folder = Path(runtime) / FOLDER
     files = sorted(folder.glob("date=*/hour=*/*.parquet"))
     if since is not None:
@@ -290,6 +315,17 @@ def read_log(runtime: Path | str, since: datetime | None = None) -> pd.DataFrame
     if not files:
         return pd.DataFrame()
     frame = pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+    if "role" in frame:  # files of an older ctcd have no role: the champion answered them
+        frame["role"] = frame["role"].fillna("champion")
+    else:
+        frame.insert(2, "role", "champion")
     if since is not None:
         frame = frame[frame["ts"] >= pd.Timestamp(since.astimezone(UTC))]
     return frame.sort_values(["ts", "request_id", "row"], kind="stable").reset_index(drop=True)
+
+
+def served_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose answers went to clients (not a shadow candidate's copies)."""
+    if frame.empty or "role" not in frame:
+        return frame
+    return frame[frame["role"] != "shadow"].reset_index(drop=True)
