@@ -15,6 +15,11 @@ from ctcd.exceptions import CtcdError
 app = typer.Typer(no_args_is_help=True, help="Continuous training and deployment with Prefect.")
 models = typer.Typer(no_args_is_help=True, help="Inspect and manage served models.")
 app.add_typer(models, name="models")
+rollouts = typer.Typer(
+    no_args_is_help=True,
+    help="A server's open rollout (canary or shadow): its evidence, and deciding it by hand.",
+)
+models.add_typer(rollouts, name="rollout")
 prefect_server = typer.Typer(
     no_args_is_help=True,
     help="The local Prefect server (UI and API) that runs with no PREFECT_API_URL use.",
@@ -224,6 +229,79 @@ def logs(
                 typer.echo(line)
         except KeyboardInterrupt:
             pass
+
+
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option("--tracking", help="Saved MLflowTracking block holding the registry; default: "
+                 "MLFLOW_TRACKING_URI or local SQLite."),
+]  # fmt: skip
+
+
+def _open_rollout(uuid: str, deployer: str | None):  # type: ignore[no-untyped-def]
+    record = _get(uuid, deployer)
+    if record.rollout is None:
+        _fail(f"server {record.uuid[:8]} has no open rollout: it serves {record.model_name} "
+              f"v{record.model_version} alone")  # fmt: skip
+    return record
+
+
+@rollouts.command("status")
+def rollout_status(
+    uuid: str,
+    outcomes: Annotated[
+        str | None,
+        typer.Option("--outcomes", help="Table of labels (request_id, target) to judge on."),
+    ] = None,
+    target: Annotated[str, typer.Option("--target")] = "review_score",
+    deployer: DeployerOpt = None,
+) -> None:
+    """The open rollout: versions, mode, share, since when, the evidence so far, what
+    `rollout-analysis` would decide now, and when it next runs."""
+    from flows.rollout import next_check, preview
+
+    record = _open_rollout(uuid, deployer)
+    decision, reason, evidence = preview(record, outcomes, target)
+    rows = {
+        "server": f"{record.uuid} ({record.prediction_url})",
+        "rollout": record.rollout.describe(),
+        "evidence": evidence.summary() if evidence else "none (the server keeps no log)",
+        "would decide": f"{decision}: {reason}",
+        "next check": next_check(record.model_name),
+    }
+    for key, value in rows.items():
+        console.print(f"[bold]{key:>14}[/]  {value}", highlight=False, soft_wrap=True)
+
+
+def _decide_by_hand(uuid: str, deployer: str | None, tracking: str | None, how: str) -> None:
+    from blocks.tracking import use_tracking
+    from flows.rollout import act, evidence_of
+
+    record = _open_rollout(uuid, deployer)
+    reason = f"by hand (`ctcd models rollout {'promote' if how == 'promote' else 'abort'}`)"
+    try:
+        with use_tracking(tracking):
+            evidence = evidence_of(record)
+            done = act(_deployer(deployer), record, how, reason, evidence)  # type: ignore[arg-type]
+    except CtcdError as err:
+        _fail(str(err).splitlines()[0])
+    role = "champion" if how == "promote" else "champion; the candidate stays challenger"
+    typer.echo(f"{done.status.value}: {done.model_name} v{done.model_version} alone at "
+               f"{done.prediction_url} ({role})")  # fmt: skip
+
+
+@rollouts.command("promote")
+def rollout_promote(uuid: str, deployer: DeployerOpt = None, tracking: TrackingOpt = None) -> None:
+    """The candidate takes every request and becomes champion (the previous champion stays
+    in the history for `ctcd models rollback`); emits `ctcd.rollout.promoted`."""
+    _decide_by_hand(uuid, deployer, tracking, "promote")
+
+
+@rollouts.command("abort")
+def rollout_abort(uuid: str, deployer: DeployerOpt = None, tracking: TrackingOpt = None) -> None:
+    """The candidate is removed; the champion answers every request; emits
+    `ctcd.rollout.rolled_back`."""
+    _decide_by_hand(uuid, deployer, tracking, "rollback")
 
 
 @app.command()

@@ -13,6 +13,7 @@ CHALLENGER = "challenger"
 
 # MLflow tags.
 GATE_TAG = "ctcd.gate"  # on a model version: the gate's decision and why
+ROLLOUT_TAG = "ctcd.rollout"  # on a model version: its rollout's decision (or opening) and why
 # The decision a later run gives a version whose own run died before its gate decided.
 INTERRUPTED = "interrupted"
 # On a model version: why `champion` was moved to it (it serves; the alias named another).

@@ -25,13 +25,16 @@ from prefect import get_run_logger
 from blocks.lookup import load_deployer
 from ctcd.files import is_locked, locked
 from ctcd.names import (
+    CHALLENGER,
     CHAMPION,
     CHAMPION_REPAIR_TAG,
     DEFAULT_PIPELINE,
     DEFAULT_STEP,
     GATE_TAG,
     INTERRUPTED,
+    ROLLOUT_TAG,
 )
+from ctcd.rollout import OpenRollout
 from ctcd.seams import pause_point
 from ctcd.serving.desired import main_version
 from ctcd.settings import ctcd_home
@@ -131,14 +134,27 @@ def mark_interrupted(model_name: str, current: str, served: str | None) -> None:
 
 
 def record_deployed(
-    model_name: str, version: str, reason: str, deployer: str | None
+    model_name: str,
+    version: str,
+    reason: str,
+    deployer: str | None,
+    rollout: OpenRollout | None = None,
 ) -> tuple[bool, str]:
     """After this run's deploy: `champion` and the decision `deployed: ...` if what serves is
     still `version`; else (another run, not sharing this CTCD_HOME's locks, deployed after it)
-    no alias and `overtaken: ...`. Returns whether it serves, and the decision recorded."""
+    no alias and `overtaken: ...`. A version deployed as a rollout's candidate gets
+    `challenger` and `rolling out: ...` (promotion makes it champion). Returns whether it
+    serves, and the decision recorded."""
     import mlflow
 
     client = mlflow.MlflowClient()
+    if rollout is not None and rollout.candidate_version == version:
+        client.set_registered_model_alias(model_name, CHALLENGER, version)
+        verdict = f"rolling out: {reason}; {rollout.describe()}, until rollout-analysis decides"
+        client.set_model_version_tag(model_name, version, GATE_TAG, verdict)
+        opened = f"open: {rollout.describe()}"
+        client.set_model_version_tag(model_name, version, ROLLOUT_TAG, opened)
+        return True, verdict
     now = served_version(model_name, deployer)
     if now == version:
         client.set_registered_model_alias(model_name, CHAMPION, version)

@@ -22,7 +22,9 @@ from ctcd.names import (
     DEFAULT_STEP,
     FLOW_RUN_TAG,
     GATE_TAG,
+    ROLLOUT_TAG,
 )
+from ctcd.rollout import OpenRollout, RolloutPolicy, policy
 from ctcd.seams import pause_point
 from ctcd.settings import ctcd_home
 from flows import ctcd_flow
@@ -48,9 +50,13 @@ def deploy_model(
     pipeline_name: str = DEFAULT_PIPELINE,
     step_name: str = DEFAULT_STEP,
     timeout: float | None = None,
+    rollout: RolloutPolicy | None = None,
 ) -> ServiceRecord:
     """Serve the version: update the server of this pipeline, step and model in place
-    (same uuid and URL), or start one. Returns once the new version answers."""
+    (same uuid and URL), or start one. Returns once the new version answers. With a canary
+    or shadow `rollout` (else the deployer block's), a running server opens a rollout of the
+    version beside the one it serves; a candidate of an earlier rollout still open is
+    replaced, and tagged so."""
     config = DeploymentConfig(
         model_name=registered.model_name,
         model_version=registered.model_version,
@@ -61,11 +67,31 @@ def deploy_model(
         flow_run_id=flow_run.get_id(),
     )
     chosen = load_deployer(deployer)
-    record = chosen.deploy_model(config, replace=True, timeout=timeout)
+    before = chosen.find_model_server(
+        pipeline_name=pipeline_name, step_name=step_name, model_name=registered.model_name
+    )
+    record = chosen.deploy_model(config, replace=True, timeout=timeout, rollout=rollout)
+    if (
+        before
+        and before[0].rollout
+        and before[0].rollout.candidate_version
+        != (record.rollout.candidate_version if record.rollout else None)
+    ):
+        _replaced(registered.model_name, before[0].rollout, registered.model_version)
     differ = chosen.settings_differ(record)
     for line in differ:
         get_run_logger().warning("The server does not run with the deployer's setting: %s", line)
     return record.seen(settings_differ=differ)
+
+
+def _replaced(model_name: str, rollout: OpenRollout, version: str) -> None:
+    """Tag the candidate of a rollout a newer deploy closed before it was decided."""
+    import mlflow
+
+    why = f"replaced: v{version} was deployed before this {rollout.mode} was decided"
+    with contextlib.suppress(Exception):
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(model_name, rollout.candidate_version, ROLLOUT_TAG, why)
 
 
 def _record_gate(model_name: str, version: str, alias: str, decision: str) -> None:
@@ -89,6 +115,7 @@ def continuous_deployment_pipeline(
     experiment_name: str | None = None,
     contract: Contract = "auto",
     tracking: str | None = None,
+    rollout: RolloutPolicy | None = None,
 ) -> DeploymentResult:
     """Train and register a model, gate it, and deploy it only if the gate passes.
 
@@ -108,22 +135,29 @@ def continuous_deployment_pipeline(
             `generic` or `customer_satisfaction`.
         tracking: name of a saved `MLflowTracking` block (server, registry, credentials,
             possibly from Vault); None uses MLFLOW_TRACKING_URI or local SQLite.
+        rollout: how a version that passes takes traffic: `mode` `replace` (all at once),
+            `canary` (`traffic_percent` of requests) or `shadow` (a copy of `shadow_percent`
+            of requests, answers only logged); None: the deployer block's. A canary or shadow
+            stays open until `rollout-analysis` (or `ctcd models rollout`) decides.
     """
     with use_tracking(tracking):
         trained = train_and_register(
             data_path, target, model_type, model_name, model_params, experiment_name, contract
         )
         return gate_and_deploy(
-            trained.registered, trained.metrics, trained.data, trained.dataset, criteria, deployer
-        )
+            trained.registered, trained.metrics, trained.data, trained.dataset, criteria,
+            deployer, rollout,
+        )  # fmt: skip
 
 
-def _deploy_or_record(reg: RegisteredModel, deployer: str | None, reason: str) -> ServiceRecord:
+def _deploy_or_record(
+    reg: RegisteredModel, deployer: str | None, reason: str, rollout: RolloutPolicy | None
+) -> ServiceRecord:
     """Deploy; if the deploy fails, keep that as the version's decision, then raise."""
     import mlflow
 
     try:
-        return deploy_model(reg, deployer)
+        return deploy_model(reg, deployer, rollout=rollout)
     except Exception as err:
         decision = f"passed, but its deploy failed ({type(err).__name__}): {reason}"
         with contextlib.suppress(Exception):  # MLflow down too: the next run says `interrupted`
@@ -139,6 +173,7 @@ def _decide_and_act(
     data: CleanData,
     criteria: DeploymentCriteria,
     deployer: str | None,
+    rollout: RolloutPolicy | None,
 ) -> tuple[ChampionScore | None, GateDecision, str, ServiceRecord | None]:
     """Compare with the champion, decide, and deploy (champion) or not (challenger).
     Returns the champion's score, the decision, the verdict recorded, and the server."""
@@ -153,9 +188,11 @@ def _decide_and_act(
             pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=reg.model_name
         )
         return champion, decision, verdict, running[0] if running else None
-    service = _deploy_or_record(reg, deployer, decision.reason)
+    service = _deploy_or_record(reg, deployer, decision.reason, rollout)
     pause_point("deployed", ctcd_home())
-    passed, verdict = record_deployed(reg.model_name, reg.model_version, decision.reason, deployer)
+    passed, verdict = record_deployed(
+        reg.model_name, reg.model_version, decision.reason, deployer, service.rollout
+    )
     return champion, GateDecision(passed, verdict.split(": ", 1)[1]), verdict, service
 
 
@@ -166,13 +203,15 @@ def gate_and_deploy(
     dataset: Dataset,
     criteria: DeploymentCriteria | dict[str, Any] | None,
     deployer: str | None,
+    rollout: RolloutPolicy | dict[str, Any] | str | None = None,
 ) -> DeploymentResult:
     """Gate a registered version on its held-out rows; deploy it and make it champion if it
-    passes, else mark it challenger. Publishes the run's report."""
+    passes (with a canary or shadow `rollout`: challenger, on trial beside the champion),
+    else mark it challenger. Publishes the run's report."""
     criteria = DeploymentCriteria.model_validate(criteria or {})
     with gating(reg.model_name, reg.model_version, deployer):
         champion, decision, verdict, service = _decide_and_act(
-            reg, metrics, data, criteria, deployer
+            reg, metrics, data, criteria, deployer, policy(rollout)
         )
     publish_report(
         RunFacts(reg, metrics, dataset.source, dataset.sha256, len(data.x_test)),
@@ -249,6 +288,7 @@ def deploy_model_version(
     criteria: DeploymentCriteria | None = None,
     deployer: str | None = None,
     tracking: str | None = None,
+    rollout: RolloutPolicy | None = None,
 ) -> DeploymentResult:
     """Gate and deploy a version that is already registered: the given one, or the one the
     training flow run `training_flow_run_id` registered (what the continuous-deployment
@@ -268,6 +308,9 @@ def deploy_model_version(
             MLflow deployer name); None is the local MLflow deployer with defaults.
         tracking: name of a saved `MLflowTracking` block (server, registry, credentials,
             possibly from Vault); None uses MLFLOW_TRACKING_URI or local SQLite.
+        rollout: how a version that passes takes traffic: `mode` `replace`, `canary`
+            (`traffic_percent` of requests) or `shadow` (a copy of `shadow_percent` of
+            requests); None: the deployer block's.
     """
     with use_tracking(tracking):
         reg, metrics, tags = find_registered_version(
@@ -281,4 +324,4 @@ def deploy_model_version(
                 "Retrain instead."
             )
         data = clean_data(dataset, target)
-        return gate_and_deploy(reg, metrics, data, dataset, criteria, deployer)
+        return gate_and_deploy(reg, metrics, data, dataset, criteria, deployer, rollout)

@@ -63,6 +63,11 @@ def _stats(runtime: Path) -> list[dict[str, Any]]:
     return found
 
 
+def worker_stats(runtime: Path) -> list[dict[str, Any]]:
+    """Every worker's stats file (past workers too): its counts, role and model version."""
+    return _stats(runtime)
+
+
 def read_stats(runtime: Path) -> dict[str, int]:
     """Rows written and dropped, summed over the server's workers (past ones included)."""
     total = {"written_rows": 0, "dropped_rows": 0}
