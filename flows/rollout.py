@@ -102,7 +102,7 @@ def act(
         done = deployer.promote_rollout(service.uuid)
         client.set_registered_model_alias(name, CHAMPION, candidate)
         with _quiet():
-            if client.get_model_version_by_alias(name, CHALLENGER).version == candidate:
+            if str(client.get_model_version_by_alias(name, CHALLENGER).version) == candidate:
                 client.delete_registered_model_alias(name, CHALLENGER)
         tag, event = f"promoted: {reason}", ROLLOUT_PROMOTED
     else:

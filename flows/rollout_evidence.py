@@ -8,8 +8,9 @@ champion's answers from the candidate's) and its workers' counts of answers and 
 - latency: each model's p99 (from a request's arrival to its answer). The candidate's above
   `max_latency_ratio` times the champion's rolls it back.
 - outputs: the two-sample Kolmogorov-Smirnov statistic between the candidate's predictions and
-  the champion's (in shadow mode on the very same requests). Above `max_output_shift` rolls it
-  back: the candidate answers another population than the one it was gated on.
+  the champion's (in shadow mode on the very same requests). Without outcomes, above
+  `max_output_shift` rolls it back: nothing says its different answers are the right ones.
+  With outcomes it is reported, and the labels decide (a better model may answer differently).
 - outcomes (labels joined by request id, when a table of them is given): each model's live
   mean absolute error. In shadow mode both scored the same rows, so the comparison is paired
   (Wilcoxon signed-rank test on the per-row differences of absolute error); in canary mode the
@@ -224,12 +225,13 @@ def decide(
             f"the candidate's p99 latency {p99:.1f} ms is over {criteria.max_latency_ratio:g}x "
             f"the champion's {base:.1f} ms"
         )
-    if evidence.output_shift is not None and evidence.output_shift > criteria.max_output_shift:
-        return "rollback", (
-            f"the candidate's outputs differ from the champion's (KS {evidence.output_shift:.3f} "
-            f"> {criteria.max_output_shift:g})"
-        )
     if not with_outcomes:
+        shift = evidence.output_shift
+        if shift is not None and shift > criteria.max_output_shift:
+            return "rollback", (
+                f"the candidate's outputs differ from the champion's (KS {shift:.3f} > "
+                f"{criteria.max_output_shift:g}) and no outcomes say which is right"
+            )
         return "promote", "guardrails passed (no outcomes given: failures, latency, outputs only)"
     labelled = min(evidence.outcomes.get(role, 0), evidence.outcomes.get("champion", 0))
     if labelled < criteria.min_outcomes:

@@ -168,6 +168,7 @@ def test_make_deploy_creates_every_deployment_schedule_and_trigger(deployed) -> 
         "batch-inference",
         "drift-monitor",
         "record-outcomes",
+        "rollout-analysis",
         "continuous-training-kubernetes",
     }
     assert pools["ctcd-process"].type == "process"
@@ -177,6 +178,7 @@ def test_make_deploy_creates_every_deployment_schedule_and_trigger(deployed) -> 
     training = deployments["continuous-training"]
     assert training.schedules[0].schedule.interval.total_seconds() == 14 * 24 * 3600
     assert deployments["batch-inference"].schedules[0].schedule.cron == "0 6 * * *"
+    assert deployments["rollout-analysis"].schedules[0].schedule.interval.total_seconds() == 300
     schema = deployments["continuous-deployment"].parameter_openapi_schema
     criteria = schema["definitions"]["DeploymentCriteria"]["properties"]  # the UI's form fields
     assert criteria["metric"]["enum"] == ["mse", "rmse", "mae", "r2"]
