@@ -160,8 +160,9 @@ def test_live_evidence_promotes_a_better_candidate_and_rolls_back_a_worse_one(pr
         print(f"v3 (canary): {tag}")
         assert tag.startswith("rolled back: the candidate is worse"), tag
         assert _alias(client, CHALLENGER) == "3" and _alias(client, CHAMPION) == "2"
-        events = [e["event"] for e in _events(env, "ctcd.rollout.")]
-        assert sorted(events) == ["ctcd.rollout.promoted", "ctcd.rollout.rolled_back"]
+        want = ["ctcd.rollout.promoted", "ctcd.rollout.rolled_back"]
+        _wait(lambda: sorted(e["event"] for e in _events(env, "ctcd.rollout.")) == want, 60,
+              "both decisions as Prefect events")  # fmt: skip
 
         time.sleep(2)  # traffic on the decided state
         load.__exit__(None, None, None)
