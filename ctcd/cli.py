@@ -109,12 +109,15 @@ def describe(
     deployer block that made it now asks for other settings (`settings_differ`)."""
     record = _get(uuid, deployer)
     record = record.seen(settings_differ=_owner(record, deployer).settings_differ(record))
+    summary = record.summary() | _rollout_lines(record)
     if as_json:
-        typer.echo(json.dumps(record.summary(), indent=2))
+        typer.echo(json.dumps(summary, indent=2, default=str))
         return
     from rich.markup import escape
 
-    for key, value in record.summary().items():
+    if record.rollout is not None:
+        summary["rollout"] = record.rollout.describe()
+    for key, value in summary.items():
         many = key in ("state_differs", "settings_differ") and value  # one per line
         for n, line in enumerate(value if many else [value]):
             label = f"[bold]{key:>22}[/]" if n == 0 else " " * 22
@@ -231,6 +234,20 @@ def logs(
             pass
 
 
+def _rollout_lines(record: Any, outcomes: str | None = None) -> dict[str, str]:
+    """The open rollout's evidence so far, what the analysis would decide, its next run."""
+    if record.rollout is None:
+        return {}
+    from flows.rollout import next_check, preview
+
+    decision, reason, evidence = preview(record, outcomes)
+    return {
+        "rollout_evidence": evidence.summary() if evidence else "none (the server keeps no log)",
+        "rollout_would_decide": f"{decision}: {reason}",
+        "rollout_next_check": next_check(record.model_name),
+    }
+
+
 TrackingOpt = Annotated[
     str | None,
     typer.Option("--tracking", help="Saved MLflowTracking block holding the registry; default: "
@@ -253,22 +270,18 @@ def rollout_status(
         str | None,
         typer.Option("--outcomes", help="Table of labels (request_id, target) to judge on."),
     ] = None,
-    target: Annotated[str, typer.Option("--target")] = "review_score",
     deployer: DeployerOpt = None,
 ) -> None:
     """The open rollout: versions, mode, share, since when, the evidence so far, what
     `rollout-analysis` would decide now, and when it next runs."""
-    from flows.rollout import next_check, preview
 
     record = _open_rollout(uuid, deployer)
-    decision, reason, evidence = preview(record, outcomes, target)
     rows = {
         "server": f"{record.uuid} ({record.prediction_url})",
         "rollout": record.rollout.describe(),
-        "evidence": evidence.summary() if evidence else "none (the server keeps no log)",
-        "would decide": f"{decision}: {reason}",
-        "next check": next_check(record.model_name),
     }
+    lines = _rollout_lines(record, outcomes)
+    rows |= {key.removeprefix("rollout_").replace("_", " "): value for key, value in lines.items()}
     for key, value in rows.items():
         console.print(f"[bold]{key:>14}[/]  {value}", highlight=False, soft_wrap=True)
 

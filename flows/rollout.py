@@ -133,6 +133,10 @@ def preview(
 def next_check(model_name: str) -> str:
     """When the `rollout-analysis` deployment next runs, as far as Prefect says."""
     import anyio
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return "unknown: no PREFECT_API_URL (the deployments run on a Prefect server)"
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
