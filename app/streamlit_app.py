@@ -71,6 +71,18 @@ def _header(connection: Connection, deployer: str | None) -> None:
         f"({service.backend}, server `{service.uuid[:8]}`"
         + (f", deployer `{deployer}`)" if deployer else ")")
     )
+    if service.rollout is not None:
+        rollout, short = service.rollout, service.uuid[:8]
+        who = (
+            f"version {rollout.candidate_version} answers {rollout.percent:g} % of requests"
+            if rollout.mode == "canary"
+            else f"version {rollout.candidate_version} scores copies of requests (shadow); "
+            f"answers come from version {rollout.champion_version}"
+        )
+        st.info(
+            f"Rollout open: {rollout.describe()}. {who}. `rollout-analysis` promotes or rolls "
+            f"it back on live evidence; `ctcd models rollout status {short}` shows it."
+        )
 
 
 def _feature_input(feature: md.FeatureRange) -> None:

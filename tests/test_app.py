@@ -86,6 +86,17 @@ def test_single_prediction_follows_swaps_and_a_stopped_server(app, versions, ctc
     assert at.session_state["prediction"] == {"score": swapped.predict(row)[0], "version": new}
     assert swapped.predict(row)[0] != expected  # a different model answered
 
+    # A rollout opened while the page is open is shown with what it means for the answers.
+    from ctcd.rollout import RolloutPolicy
+
+    deployer.deploy_model(versions["good"], rollout=RolloutPolicy(mode="shadow"))
+    at.run()
+    info = " ".join(i.value for i in at.info)
+    assert f"shadow of v{versions['good'].model_version} beside v{new}" in info, info
+    assert f"answers come from version {new}" in info
+    assert f"ctcd models rollout status {service.uuid[:8]}" in info
+    deployer.abort_rollout(service.uuid)
+
     # The server stops between two predictions: the next one says so, and how to restart it.
     deployer.stop_model_server(service.uuid)
     _predict(at)
