@@ -26,7 +26,7 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from blocks.deployer import BaseModelDeployer
-from blocks.lookup import as_deployer, find_service
+from blocks.lookup import as_deployer
 from blocks.service import ServiceRecord
 from blocks.tracking import use_tracking
 from ctcd.names import (
@@ -203,6 +203,7 @@ def rollout_analysis(
     max_output_shift: float = 0.5,
     alpha: float = 0.05,
     act_on_decision: bool = True,
+    decision: Decision | None = None,
     deployer: str | None = None,
     tracking: str | None = None,
 ) -> RolloutReport:
@@ -225,6 +226,10 @@ def rollout_analysis(
             models' predictions.
         alpha: the significance level at which a worse live error rolls the candidate back.
         act_on_decision: False only reports what it would decide.
+        decision: `promote` or `rollback` decided elsewhere (your own monitoring, e.g. an
+            automation on your event runs this deployment with it): carried out as is, with
+            the evidence there is recorded beside it. Where a server keeps no prediction log
+            (Seldon, KServe) this is how a rollout is decided without a person.
         deployer: name of a saved deployer block; None: the local MLflow servers.
         tracking: name of a saved `MLflowTracking` block; None uses MLFLOW_TRACKING_URI or
             local SQLite.
@@ -238,12 +243,19 @@ def rollout_analysis(
     chosen = as_deployer(deployer)
     found = chosen.find_model_server(
         pipeline_name=DEFAULT_PIPELINE, step_name=DEFAULT_STEP, model_name=model_name
-    ) or [find_service(model_name, deployer=chosen, running=False)]
+    ) or chosen.find_model_server(model_name=model_name)
+    if not found:
+        print(f"{model_name}: no model server, so no rollout")
+        return RolloutReport(model_name=model_name, reason="no model server")
     service = found[0]
     if service.rollout is None:
         print(f"{model_name}: no rollout is open on server {service.uuid[:8]}")
         return RolloutReport(model_name=model_name, server=service.uuid, reason="no open rollout")
-    decision, reason, evidence = analyse(service, outcomes_path, target, criteria)
+    if decision is not None:
+        reason = f"decided outside ctcd (the run's `decision` parameter: {decision})"
+        evidence = evidence_of(service, outcomes_path, target)
+    else:
+        decision, reason, evidence = analyse(service, outcomes_path, target, criteria)
     print(f"{model_name} {service.rollout.describe()}: {decision}: {reason}")
     if evidence is not None:
         print(f"evidence: {evidence.summary()}")
