@@ -291,7 +291,7 @@ def _down(record: ServiceRecord, deploying: bool) -> dict[str, object]:
 def _state(record: ServiceRecord, want: ds.DesiredState, seen: ds.Seen) -> dict[str, object]:
     """Status and message of a running server: `active` once exactly the recorded number of
     workers all serve the recorded version and it answers /health; `pending`, saying why, else."""
-    version, count = want.model_version, want.workers
+    version, count = ds.wanted(want), want.workers
     if ds.converged(seen, want):
         if lp.healthy(record):
             message = f"serving version {version} on {count} worker(s)"
