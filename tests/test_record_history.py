@@ -43,9 +43,10 @@ def test_a_version_served_after_its_deploy_was_killed_is_in_the_history(versions
     def converged():
         record = deployer.get_model_server(first.uuid)
         ok = record.status.value == "active" and record.worker_versions
+        ok = ok and record.history[-1:] == [better]  # the master records it once converged
         return record if ok and set(record.worker_versions.values()) == {better} else None
 
-    record = eventually(converged, 120, f"the server serving {better} on its own")
+    record = eventually(converged, 120, f"the server serving {better} on its own, recorded")
     assert _served(record) == better
     assert record.history == [good, better]  # what served, though the deploy never said so
     runner = CliRunner()
