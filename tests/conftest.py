@@ -197,3 +197,55 @@ def _model_file(config: DeploymentConfig) -> Path:
     source = mlflow.MlflowClient().get_model_version(SERVED_MODEL, config.model_version).source
     location = mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location
     return Path(location.removeprefix("file://")) / "model.skops"
+
+
+# A value of `product_photos_qty` the `raising_version` never saw in training: it raises on
+# every row that has it (and scores every other row).
+RAISING_COLUMN = "product_photos_qty"
+UNSEEN_VALUE = 99.0
+
+
+@pytest.fixture(scope="session")
+def raising_version(small_table, versions) -> DeploymentConfig:
+    """A version of SERVED_MODEL that loads and scores its input example but raises on rows
+    whose `RAISING_COLUMN` holds a value it did not see in training (`UNSEEN_VALUE`): a
+    one-hot encoder that refuses unknown categories, then a linear regression. Registered
+    after `versions`."""
+    from importlib.metadata import version
+
+    from mlflow.models import infer_signature
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LinearRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    data = clean_data.fn(Dataset(frame=small_table, source="s.csv", sha256="00" * 32))
+    train = data.x_train.dropna().astype("float64")
+    encode = ColumnTransformer(
+        [("photos", OneHotEncoder(handle_unknown="error"), [RAISING_COLUMN])],
+        remainder="passthrough",
+    )
+    model = Pipeline([("encode", encode), ("model", LinearRegression())])
+    model.fit(train, data.y_train.loc[train.index])
+    assert UNSEEN_VALUE not in set(train[RAISING_COLUMN])
+    example = train.head(5)
+    with mlflow.start_run(experiment_id=configure_mlflow(SERVED_MODEL)) as run:
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, model.predict(example)),
+            input_example=example,
+            pip_requirements=[f"{n}=={version(n)}" for n in ("mlflow", "scikit-learn", "skops")],
+            serialization_format="skops",
+            skops_trusted_types=skops.io.get_untrusted_types(data=skops.io.dumps(model)),
+            registered_model_name=SERVED_MODEL,
+        )
+    registered = str(info.registered_model_version)
+    return DeploymentConfig(
+        model_name=SERVED_MODEL,
+        model_version=registered,
+        model_uri=f"models:/{SERVED_MODEL}/{registered}",
+        pipeline_name="p",
+        step_name="s",
+        run_id=run.info.run_id,
+    )

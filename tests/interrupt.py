@@ -34,6 +34,12 @@ def deploy_killed_at(
         f"c = DeploymentConfig.model_validate_json({config.model_dump_json()!r});"
         f"{deployer}.deploy_model(c)"
     )
+    return killed_at(code, step, servers)
+
+
+def killed_at(code: str, step: str, servers: Path) -> Path:
+    """Run `code` (Python) in a fresh process told to stop at `step` (`CTCD_TEST_PAUSE`) and
+    SIGKILL it there; return the runtime folder it stopped in (`servers/<uuid>`)."""
     for old in servers.glob(f"*/paused-{step}"):
         old.unlink()
     env = os.environ | {"CTCD_TEST_PAUSE": step}
@@ -42,9 +48,9 @@ def deploy_killed_at(
         markers = eventually(
             lambda: list(servers.glob(f"*/paused-{step}")) or proc.poll() is not None,
             180,
-            f"the deploy pausing at {step}",
+            f"the process pausing at {step}",
         )
-        assert proc.poll() is None, f"the deploy ended before {step}: {proc.stderr.read()!r}"
+        assert proc.poll() is None, f"the process ended before {step}: {proc.stderr.read()!r}"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:

@@ -220,6 +220,7 @@ async def metadata() -> JSONResponse:
         extra["rollout"] = ROLLOUT.model_dump(mode="json") | {
             "candidate_requests": candidate.log.requests,
             "candidate_failures": candidate.log.failures,
+            "candidate_skipped": candidate.log.skipped,
         }
     return JSONResponse(SERVING.model_dump(include=set(keys)) | extra)
 

@@ -97,6 +97,7 @@ class PredictionLog:
         self.settings = settings
         self.requests = 0  # requests answered by this worker's model in this role
         self.failures = 0  # of those, answered with an error (status 400 and above)
+        self.skipped = 0  # shadow: copies not scored (too many in flight, `ctcd.serving.router`)
         self._buffer: deque[Entry] = deque()
         self._rows = 0
         self.dropped = 0
@@ -123,6 +124,11 @@ class PredictionLog:
         with self._lock:
             self.requests += 1
             self.failures += 0 if ok else 1
+
+    def skipped_copy(self) -> None:
+        """Count one copy of a request this (shadow) model did not score."""
+        with self._lock:
+            self.skipped += 1
 
     def record(self, request_id: str, frame: pd.DataFrame, predictions: Any) -> None:
         """Buffer one answered request; drop it (counted) if the buffer is full."""
@@ -257,7 +263,7 @@ class PredictionLog:
                  "dropped_reasons": dict(self.reasons), "error": self.error,
                  "error_since": self.error_since, "model_version": self.version,
                  "role": self.role, "requests": self.requests, "failures": self.failures,
-                 "started": self.started, "at": time.time()}  # fmt: skip
+                 "skipped": self.skipped, "started": self.started, "at": time.time()}  # fmt: skip
         with contextlib.suppress(OSError):
             (self.folder / STATS).mkdir(parents=True, exist_ok=True)
         logstats.save(self.folder / STATS / f"{self._name}.json", stats)

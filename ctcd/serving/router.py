@@ -9,8 +9,9 @@ scoring path, the prediction log and the answer all name the same id. Then:
 - `shadow`: the champion's app answers every request; for the share of ids copied, the
   candidate's app scores the same body in a task of its own once the client has its answer,
   and its answer goes only to the prediction log (role `shadow`), never to the client. At most
-  `MAX_SHADOWS` copies are in flight per worker: beyond that a copy is skipped and counted, so a
-  slow candidate never holds the champion's memory or time.
+  `MAX_SHADOWS` copies are in flight per worker: beyond that a copy is skipped and counted (the
+  candidate log's `skipped`, in its stats file), so a slow candidate never holds the champion's
+  memory or time.
 
 Every answer carries `X-Model-Version` (the version that answered) and `X-Model-Role`
 (`champion` or `canary`). Each model's log counts the requests it answered and those it answered
@@ -56,7 +57,6 @@ class RolloutRouter:
         self.candidate = candidate if rollout is not None else None
         self.rollout = rollout
         self.shadows: set[asyncio.Task[None]] = set()
-        self.shadows_skipped = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/invocations":
@@ -78,7 +78,7 @@ class RolloutRouter:
             return
         await _answer(self.champion, "champion", scope, replay_body(body, receive), send)
         if len(self.shadows) >= MAX_SHADOWS:
-            self.shadows_skipped += 1
+            candidate.log.skipped_copy()
             return
         task = asyncio.create_task(_shadow(candidate, scope, body))
         self.shadows.add(task)
