@@ -62,6 +62,7 @@ class Evidence(BaseModel):
 
     requests: dict[str, int] = Field(default_factory=dict)
     failures: dict[str, int] = Field(default_factory=dict)
+    skipped: int = Field(default=0, description="Shadow copies not scored (too many at once).")
     logged_rows: dict[str, int] = Field(default_factory=dict)
     latency_p99_ms: dict[str, float | None] = Field(default_factory=dict)
     output_shift: float | None = None
@@ -81,6 +82,8 @@ class Evidence(BaseModel):
             f"failed, p99 {_ms(self.latency_p99_ms.get(role))}"
             for role in self.requests
         ]
+        if self.skipped:
+            parts.append(f"{self.skipped} shadow copies skipped (too many in flight)")
         if self.output_shift is not None:
             parts.append(f"output shift (KS) {self.output_shift:.3f}")
         if self.live_mae:
@@ -117,6 +120,7 @@ def gather(
         ]  # fmt: skip
         evidence.requests[name] = sum(int(s.get("requests") or 0) for s in counted)
         evidence.failures[name] = sum(int(s.get("failures") or 0) for s in counted)
+        evidence.skipped += sum(int(s.get("skipped") or 0) for s in counted)
     rows = _rows(log, rollout)
     for label, part in rows.items():
         evidence.logged_rows[label] = len(part)

@@ -243,6 +243,14 @@ def test_candidates_that_fail_to_load_or_raise_on_some_rows_fail_no_client_reque
     assert set(log[log["role"] == "shadow"]["request_id"]) == sent - done.failing
     assert set(log[log["role"] == "champion"]["request_id"]) == sent
     assert role_counts(runtime, "champion")["failures"] == 0
+    from flows.rollout import rollout_analysis  # the analysis rolls it back on its failures
+
+    decided = rollout_analysis(model_name=raising_version.model_name)
+    assert decided.decision == "rollback" and decided.acted, decided.reason
+    assert "the candidate failed 50 of 200 requests (25.0%" in decided.reason
+    assert deployer.get_model_server(record.uuid).rollout is None
+    answers = send_all(record.prediction_url, [(f"last-{i}", one_row) for i in range(50)])
+    assert {(a.status, a.version) for a in answers.values()} == {(200, good)}
 
 
 @pytest.mark.timeout(600)
