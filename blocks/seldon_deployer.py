@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Coroutine, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from prefect_kubernetes.credentials import KubernetesClusterConfig
-from pydantic import Field, HttpUrl
+from pydantic import Field, HttpUrl, model_validator
 
 from blocks import kube
 from blocks import seldon_manifest as sm
@@ -94,6 +94,11 @@ class SeldonModelDeployer(BaseModelDeployer):
     deploy_timeout: float = Field(
         default=600.0, gt=0, description="Seconds to wait for a version to roll out."
     )
+
+    @model_validator(mode="after")
+    def _seldon_can_roll_out(self) -> Self:
+        sr.check(self.rollout_policy())  # e.g. a shadow of 50 %: refused when the block is made
+        return self
 
     def _api(self) -> Any:
         return session(self.cluster_config, self.namespace)

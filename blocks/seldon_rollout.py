@@ -24,7 +24,7 @@ from blocks.deployer import candidate_config
 from blocks.seldon_manifest import PREDICTOR
 from blocks.service import ServiceRecord, ServiceState
 from ctcd.exceptions import ModelConfigError, ModelServerError
-from ctcd.rollout import OpenRollout
+from ctcd.rollout import OpenRollout, RolloutPolicy
 
 CANDIDATE = "candidate"
 _ROUTING = ("traffic", "shadow")
@@ -44,11 +44,11 @@ def canary_weights(percent: float) -> tuple[int, int]:
     return 100 - share, share
 
 
-def check(rollout: OpenRollout) -> None:
+def check(rollout: OpenRollout | RolloutPolicy) -> None:
     """Refuse what Seldon Core cannot do, before anything is written."""
     if rollout.mode == "canary":
         canary_weights(rollout.percent)
-    elif rollout.percent < 100:
+    elif rollout.mode == "shadow" and rollout.percent < 100:
         raise ModelConfigError(
             f"Seldon Core mirrors every request to a shadow predictor; it cannot copy only "
             f"{rollout.percent:g} % of them. Set `shadow_percent` to 100 (the deployer block's "

@@ -221,6 +221,17 @@ def test_what_seldon_cannot_do_is_refused_and_nothing_changes(
     assert deployer.get_model_server(champion.uuid).rollout is None
 
 
+def test_a_block_asking_for_what_seldon_cannot_do_is_refused_when_made() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cannot copy only 30 %"):
+        SeldonModelDeployer(base_url="http://127.0.0.1:9", rollout="shadow", shadow_percent=30)
+    with pytest.raises(ValidationError, match="rounds to 0 %"):
+        SeldonModelDeployer(base_url="http://127.0.0.1:9", rollout="canary", traffic_percent=0.2)
+    kept = SeldonModelDeployer(base_url="http://127.0.0.1:9", rollout="canary", shadow_percent=30)
+    assert kept.rollout_policy().describe() == "canary, 10 % of requests"
+
+
 def test_a_replace_deploy_closes_an_open_rollout(deployer, trained, features, kube_api) -> None:
     champion = deployer.find_model_server("p", "s", MODEL)[0]
     name = str(champion.kube.resource_name)
