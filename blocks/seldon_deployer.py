@@ -212,7 +212,7 @@ class SeldonModelDeployer(BaseModelDeployer):
             sdep["spec"]["protocol"] = self.protocol
             sm.store(sdep, updated)
 
-        return self._change_and_wait(name, mutate, timeout, restore=True)
+        return self._change_and_wait(name, mutate, timeout, restore=(SeldonFailed,))
 
     def _open_rollout(
         self,
@@ -229,13 +229,16 @@ class SeldonModelDeployer(BaseModelDeployer):
             )
         candidate = self._predictor(sm.storage_uri(config), self.replicas, sr.CANDIDATE)
         change = sr.open_change(record, candidate, rollout)
-        return self._change_and_wait(record.kube.resource_name, change, timeout, restore=True)
+        # Not ready in time counts as failed too: a canary's share would go to no endpoint.
+        name, restore = record.kube.resource_name, (ModelServerError,)
+        return self._change_and_wait(name, change, timeout, restore=restore)
 
     def _promote(
         self, record: ServiceRecord, rollout: OpenRollout, timeout: float | None
     ) -> ServiceRecord:
         change = sr.promote_change(record, rollout)
-        return self._change_and_wait(record.kube.resource_name, change, timeout, restore=True)
+        name = record.kube.resource_name
+        return self._change_and_wait(name, change, timeout, restore=(SeldonFailed,))
 
     def _abort(
         self, record: ServiceRecord, rollout: OpenRollout, timeout: float | None
@@ -247,9 +250,10 @@ class SeldonModelDeployer(BaseModelDeployer):
         name: str,
         mutate: Any,
         timeout: float | None,
-        restore: bool = False,
+        restore: tuple[type[ModelServerError], ...] = (),
     ) -> ServiceRecord:
-        """Write `mutate`'s change, then wait until every predictor it asks for serves."""
+        """Write `mutate`'s change, then wait until every predictor it asks for serves; on an
+        error of a `restore` type, put the previous spec back before raising it."""
 
         async def run() -> dict[str, Any]:
             async with self._api() as api:
@@ -258,12 +262,9 @@ class SeldonModelDeployer(BaseModelDeployer):
                 wait = timeout or self.deploy_timeout
                 try:
                     return await api.wait_ready(name, sm.wanted(after), wait)
-                except SeldonFailed as err:
-                    if restore:
-                        await api.change(name, sm.restore(before, str(err)))
-                        err.add_note(
-                            "The previous spec was put back; the previous version serves on."
-                        )
+                except restore as err:
+                    await api.change(name, sm.restore(before, str(err)))
+                    err.add_note("The previous spec was put back; the previous version serves on.")
                     raise
 
         record = sm.read_record(_run(run()))

@@ -246,6 +246,27 @@ def test_a_replace_deploy_closes_an_open_rollout(deployer, trained, features, ku
     assert record.predict(features) == pytest.approx(_in_process(trained["v1"], features))
 
 
+def test_a_candidate_not_ready_in_time_is_taken_out_again(
+    deployer, trained, features, kube_api, components
+) -> None:
+    champion = deployer.find_model_server("p", "s", MODEL)[0]
+    name = str(champion.kube.resource_name)
+    components["operator"].paused = True  # as an operator that is down: no candidate pods
+    try:
+        with pytest.raises(ModelServerError, match="not ready after 3 s") as info:
+            deployer.deploy_model(trained["v2"], rollout=CANARY, timeout=3)
+    finally:
+        components["operator"].paused = False
+    assert f"no Deployment with {storage_uri(trained['v2'])} yet" in str(info.value)
+    assert "The previous spec was put back" in " ".join(info.value.__notes__)
+    after = deployer.get_model_server(champion.uuid)
+    assert after.rollout is None and "not ready after 3 s" in str(after.last_error)
+    assert _predictors(kube_api, name) == [
+        {"name": "default", "modelUri": storage_uri(trained["v1"])}
+    ]
+    assert after.predict(features) == pytest.approx(_in_process(trained["v1"], features))
+
+
 def test_a_candidate_that_never_serves_puts_the_spec_back_and_raises(
     deployer, trained, features, kube_api, small_csv
 ) -> None:
