@@ -5,20 +5,22 @@ from __future__ import annotations
 from collections.abc import Coroutine, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from prefect_kubernetes.credentials import KubernetesClusterConfig
-from pydantic import Field, HttpUrl
+from pydantic import Field, HttpUrl, model_validator
 
 from blocks import kube
 from blocks import seldon_manifest as sm
+from blocks import seldon_rollout as sr
 from blocks.deployer import BaseModelDeployer, DeploymentConfig
 from blocks.kube_logs import follow, pod_logs
 from blocks.object_store import ObjectStoreCredentials
 from blocks.seldon_kube import Session, session
 from blocks.service import KubernetesRuntime, ServiceRecord, ServiceState
 from blocks.ui import logo, optional_nested
-from ctcd.exceptions import ModelServerError, SeldonFailed
+from ctcd.exceptions import ModelConfigError, ModelServerError, SeldonFailed
+from ctcd.rollout import OpenRollout
 
 T = TypeVar("T")
 
@@ -35,7 +37,8 @@ class SeldonModelDeployer(BaseModelDeployer):
     """Serves MLflow model versions on a Kubernetes cluster running Seldon Core v1: one
     `SeldonDeployment` per pipeline, step and model, patched in place for each new version
     (same uuid and URL; Seldon rolls the pods). The cluster is the registry: labels find the
-    resources, an annotation on each holds its service record.
+    resources, an annotation on each holds its service record. A canary or shadow rollout is
+    a second predictor on the same resource (see `blocks.seldon_rollout`).
 
     Models must be in an S3-compatible bucket (an MLflow server whose artifact root is the
     bucket); `object_store` keys go only into a Kubernetes Secret that the storage
@@ -92,6 +95,11 @@ class SeldonModelDeployer(BaseModelDeployer):
         default=600.0, gt=0, description="Seconds to wait for a version to roll out."
     )
 
+    @model_validator(mode="after")
+    def _seldon_can_roll_out(self) -> Self:
+        sr.check(self.rollout_policy())  # e.g. a shadow of 50 %: refused when the block is made
+        return self
+
     def _api(self) -> Any:
         return session(self.cluster_config, self.namespace)
 
@@ -103,11 +111,11 @@ class SeldonModelDeployer(BaseModelDeployer):
         kept = {k: {n: v for n, v in d.items() if v} for k, d in given.items()}
         return {k: d for k, d in kept.items() if d}
 
-    def _predictor(self, model_uri: str, replicas: int) -> dict[str, Any]:
+    def _predictor(self, model_uri: str, replicas: int, name: str = sm.PREDICTOR) -> dict[str, Any]:
         secret = self.secret_name if self.object_store else None
         return sm.predictor(
             model_uri, replicas, self.implementation, secret, self._resources(),
-            self.service_account,
+            self.service_account, name,
         )  # fmt: skip
 
     def _check_deployable(self, config: DeploymentConfig) -> None:
@@ -157,7 +165,7 @@ class SeldonModelDeployer(BaseModelDeployer):
                     return None  # another deploy created it first: update that one
                 try:
                     sdep = await api.wait_ready(
-                        name, uri, self.replicas, timeout or self.deploy_timeout
+                        name, {uri: self.replicas}, timeout or self.deploy_timeout
                     )
                 except SeldonFailed:
                     await api.delete(name)
@@ -195,37 +203,68 @@ class SeldonModelDeployer(BaseModelDeployer):
                     "history": history,
                     "workers": replicas,
                     "desired_state": ServiceState.ACTIVE,
+                    "rollout": None,  # only this version serves: an open rollout is closed
                     "last_error": None,
                     "updated_at": datetime.now(UTC),
                 }
             )
             sdep["spec"]["predictors"] = [self._predictor(uri, replicas)]
             sdep["spec"]["protocol"] = self.protocol
-            sdep["metadata"]["annotations"][sm.RECORD_ANNOTATION] = sm.record_annotation(updated)
+            sm.store(sdep, updated)
 
-        return self._change_and_wait(name, uri, replicas, mutate, timeout, restore_on_failure=True)
+        return self._change_and_wait(name, mutate, timeout, restore=(SeldonFailed,))
+
+    def _open_rollout(
+        self,
+        record: ServiceRecord,
+        config: DeploymentConfig,
+        rollout: OpenRollout,
+        timeout: float | None,
+    ) -> ServiceRecord:
+        sr.check(rollout)
+        if record.desired_state == ServiceState.INACTIVE:
+            raise ModelConfigError(
+                f"Server {record.uuid[:8]} is stopped: start it (`ctcd models start "
+                f"{record.uuid[:8]}`) before a {rollout.mode} of v{config.model_version} beside it."
+            )
+        candidate = self._predictor(sm.storage_uri(config), self.replicas, sr.CANDIDATE)
+        change = sr.open_change(record, candidate, rollout)
+        # Not ready in time counts as failed too: a canary's share would go to no endpoint.
+        name, restore = record.kube.resource_name, (ModelServerError,)
+        return self._change_and_wait(name, change, timeout, restore=restore)
+
+    def _promote(
+        self, record: ServiceRecord, rollout: OpenRollout, timeout: float | None
+    ) -> ServiceRecord:
+        change = sr.promote_change(record, rollout)
+        name = record.kube.resource_name
+        return self._change_and_wait(name, change, timeout, restore=(SeldonFailed,))
+
+    def _abort(
+        self, record: ServiceRecord, rollout: OpenRollout, timeout: float | None
+    ) -> ServiceRecord:
+        return self._change_and_wait(record.kube.resource_name, sr.abort_change(record), timeout)
 
     def _change_and_wait(
         self,
         name: str,
-        uri: str,
-        replicas: int,
         mutate: Any,
         timeout: float | None,
-        restore_on_failure: bool = False,
+        restore: tuple[type[ModelServerError], ...] = (),
     ) -> ServiceRecord:
+        """Write `mutate`'s change, then wait until every predictor it asks for serves; on an
+        error of a `restore` type, put the previous spec back before raising it."""
+
         async def run() -> dict[str, Any]:
             async with self._api() as api:
                 await self._put_secret(api)
-                before, _ = await api.change(name, mutate)
+                before, after = await api.change(name, mutate)
+                wait = timeout or self.deploy_timeout
                 try:
-                    return await api.wait_ready(name, uri, replicas, timeout or self.deploy_timeout)
-                except SeldonFailed as err:
-                    if restore_on_failure:
-                        await api.change(name, _restore(before, str(err)))
-                        err.add_note(
-                            "The previous spec was put back; the previous version serves on."
-                        )
+                    return await api.wait_ready(name, sm.wanted(after), wait)
+                except restore as err:
+                    await api.change(name, sm.restore(before, str(err)))
+                    err.add_note("The previous spec was put back; the previous version serves on.")
                     raise
 
         record = sm.read_record(_run(run()))
@@ -236,22 +275,15 @@ class SeldonModelDeployer(BaseModelDeployer):
         state = ServiceState.ACTIVE if replicas else ServiceState.INACTIVE
 
         def mutate(sdep: dict[str, Any]) -> None:
-            sdep["spec"]["predictors"][0]["replicas"] = replicas
+            for predictor in sdep["spec"]["predictors"]:  # a rollout's candidate too
+                predictor["replicas"] = replicas
             current = sm.read_record(sdep) or record
             updated = current.model_copy(
                 update={"desired_state": state, "updated_at": datetime.now(UTC)}
             )
-            sdep["metadata"]["annotations"][sm.RECORD_ANNOTATION] = sm.record_annotation(updated)
+            sm.store(sdep, updated)
 
-        async def uri() -> str:
-            async with self._api() as api:
-                sdep = await api.get(record.kube.resource_name)
-            if sdep is None:
-                raise ModelServerError(f"Scaling {record.kube.resource_name}", "it was deleted")
-            return str(sdep["spec"]["predictors"][0]["graph"]["modelUri"])
-
-        name = record.kube.resource_name
-        return self._change_and_wait(name, _run(uri()), replicas, mutate, timeout)
+        return self._change_and_wait(record.kube.resource_name, mutate, timeout)
 
     def _start(self, record: ServiceRecord, timeout: float | None) -> ServiceRecord:
         return self._scale(record, record.workers, timeout)
@@ -283,18 +315,3 @@ class SeldonModelDeployer(BaseModelDeployer):
 
     def _follow(self, record: ServiceRecord) -> Iterator[str]:
         return follow(lambda tail: self._logs(record, tail))
-
-
-def _restore(before: dict[str, Any], error: str) -> Any:
-    """A mutation putting back `before`'s spec and record (with the error noted)."""
-
-    def mutate(sdep: dict[str, Any]) -> None:
-        sdep["spec"] = before["spec"]
-        annotations = dict(before["metadata"].get("annotations", {}))
-        record = sm.read_record({**before, "metadata": {**before["metadata"]}})
-        if record is not None:
-            failed = record.model_copy(update={"last_error": error.splitlines()[0]})
-            annotations[sm.RECORD_ANNOTATION] = sm.record_annotation(failed)
-        sdep["metadata"]["annotations"] = annotations
-
-    return mutate

@@ -21,13 +21,12 @@ SELDON = kube.Resource(GROUP, VERSION, PLURAL, "SeldonDeployment")
 class Session(kube.Session):
     """A session on SeldonDeployments (the ones ctcd manages, by its labels)."""
 
-    async def wait_ready(
-        self, name: str, model_uri: str, replicas: int, timeout: float
-    ) -> dict[str, Any]:
-        """Poll until `readiness` holds; raise on `Failed` or when `timeout` passes."""
+    async def wait_ready(self, name: str, want: dict[str, int], timeout: float) -> dict[str, Any]:
+        """Poll until `readiness` holds for `want` (model URI -> replicas, one per predictor);
+        raise on `Failed` or when `timeout` passes."""
 
         def judge(sdep: dict[str, Any], found: list[dict[str, Any]]) -> tuple[bool, str, Any]:
-            ready, seen = readiness(sdep, found, model_uri, replicas)
+            ready, seen = readiness(sdep, found, want)
             status = sdep.get("status") or {}
             failure = None
             if not ready and status.get("state") == "Failed":

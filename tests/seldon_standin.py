@@ -3,24 +3,29 @@ and the ingress. Everything else is real.
 
 `StandInSeldonOperator` watches SeldonDeployments on the real kube-apiserver (started without
 the controller manager, so it alone writes Deployment status) and does what the real operator
-does, in its order: it creates or updates the owned predictor Deployment shaped as Seldon's
-(storage-initializer init container with the `modelUri`, `envFrom` the Secret the graph
-names, the model container), then does with real parts what that pod would: runs rclone with
-the Secret's environment to download the `modelUri` from the bucket, serves the files with
-Seldon Core's own Python model server (`seldon-core-microservice`), and only then writes the
-Deployment's rollout status and the SeldonDeployment's `status` (`Creating` -> `Available`, or
-`Failed` with a description). Like the real operator it leaves the old `Available` in place
-while an update rolls out. Deleting a SeldonDeployment ends its server and Deployment (the
-garbage collector's part).
+does, in its order: for each predictor it creates or updates the owned Deployment shaped and
+named as Seldon's (`<sdep>-<predictor>-0-<container>`, labels `seldon-deployment-id`,
+`seldon-app`, `seldon.io/shadow` on a shadow's pods; a storage-initializer init container with
+the `modelUri`, `envFrom` the Secret the graph names, the model container), then does with real
+parts what that pod would: runs rclone with the Secret's environment to download the
+`modelUri` from the bucket, serves the files with Seldon Core's own Python model server
+(`seldon-core-microservice`), and only then writes the Deployment's rollout status. Once every
+predictor serves it deletes the Deployments of predictors no longer in the spec and writes the
+SeldonDeployment's `status` (`Creating` -> `Available`, or `Failed` with a description). Like
+the real operator it leaves the old `Available` in place while an update rolls out. Deleting a
+SeldonDeployment ends its servers and Deployments (the garbage collector's part).
 
-`StandInIngress` maps `{url}/seldon/{namespace}/{name}/...` to the server currently serving
-that SeldonDeployment, as Istio or Ambassador routes to its pods' service.
+`StandInIngress` maps `{url}/seldon/{namespace}/{name}/...` to the servers of that
+SeldonDeployment's predictors as Istio routes to their services: at random by the predictors'
+`traffic` weights, and a copy of each request to a `shadow: true` predictor, its answer dropped.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import random
 import subprocess
 import threading
 import time
@@ -116,8 +121,9 @@ class StandInSeldonOperator:
     work: Path
     ingress: StandInIngress
     start_timeout: float = 90.0
-    servers: dict[str, Server] = field(default_factory=dict)
-    handled: dict[str, tuple[int, int]] = field(default_factory=dict)
+    servers: dict[str, Server] = field(default_factory=dict)  # by Deployment name
+    handled: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    done: dict[str, int] = field(default_factory=dict)  # Deployment -> generation it serves
     events: list[str] = field(default_factory=list)
     paused: bool = False  # True: do nothing, as an operator that is down
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -147,41 +153,88 @@ class StandInSeldonOperator:
     def _pass(self, kube: httpx.Client) -> None:
         items = kube.get(SDEPS.format(ns=self.namespace)).json()["items"]
         names = {item["metadata"]["name"] for item in items}
-        for name in set(self.servers) | set(self.handled):
-            if name not in names:  # deleted: the garbage collector removes what it owned
-                self._end(name)
-                self.handled.pop(name, None)
-                kube.delete(f"{DEPLOYMENTS.format(ns=self.namespace)}/{_dep_name(name)}")
+        for name in set(self.handled) - names:  # deleted: the garbage collector's part
+            self._remove(kube, name, keep=set())
+            self.handled.pop(name, None)
         for item in items:
             self._reconcile(kube, item)
 
     def _reconcile(self, kube: httpx.Client, sdep: dict[str, Any]) -> None:
         name = sdep["metadata"]["name"]
-        deployment = self._apply_deployment(kube, sdep)
-        generation = deployment["metadata"]["generation"]
-        key = (sdep["metadata"]["generation"], generation)
+        predictors = sdep["spec"]["predictors"]
+        deployments = [self._apply_deployment(kube, sdep, i) for i in range(len(predictors))]
+        key = (sdep["metadata"]["generation"], *(d["metadata"]["generation"] for d in deployments))
         if self.handled.get(name) == key:
             return
         if not sdep.get("status", {}).get("state"):
             self._sdep_status(kube, name, "Creating", "")
-        pod = deployment["spec"]["template"]["spec"]
-        replicas = deployment["spec"]["replicas"]
-        if replicas == 0:
-            self._end(name)
-            self._deployment_status(kube, deployment, 0)
-            self._sdep_status(kube, name, "Available", "", replicas=0)
-        else:
-            error = self._run_pod(kube, name, pod)
+        errors = []
+        for deployment in deployments:
+            error = self._roll_out(kube, deployment)
             if error:
-                self.events.append(f"{name}: Failed: {error}")
-                self._sdep_status(kube, name, "Failed", error)
-            else:
-                self._deployment_status(kube, deployment, replicas)
-                self._sdep_status(kube, name, "Available", "", replicas=replicas)
+                dep = deployment["metadata"]["name"]
+                self.events.append(f"{dep}: Failed: {error}")
+                errors.append(error if len(deployments) == 1 else f"{dep}: {error}")
+        if errors:
+            self._sdep_status(kube, name, "Failed", "; ".join(errors))
+        else:  # as the real operator: once the graph serves, what it no longer names goes
+            self._remove(kube, name, keep={d["metadata"]["name"] for d in deployments})
+            self._route(name, predictors, deployments)
+            self._sdep_status(kube, name, "Available", "", deployments)
         self.handled[name] = key
 
-    def _apply_deployment(self, kube: httpx.Client, sdep: dict[str, Any]) -> dict[str, Any]:
-        desired = predictor_deployment(sdep)
+    def _roll_out(self, kube: httpx.Client, deployment: dict[str, Any]) -> str:
+        """Run the Deployment's pod unless it already serves this generation; "" or why not."""
+        dep, generation = deployment["metadata"]["name"], deployment["metadata"]["generation"]
+        if self.done.get(dep) == generation:
+            return ""
+        replicas = deployment["spec"]["replicas"]
+        if replicas == 0:
+            self._end(dep)
+        else:
+            error = self._run_pod(kube, dep, deployment["spec"]["template"]["spec"])
+            if error:
+                return error
+        self._deployment_status(kube, deployment, replicas)
+        self.done[dep] = generation
+        return ""
+
+    def _remove(self, kube: httpx.Client, name: str, keep: set[str]) -> None:
+        """End and delete the Deployments of SeldonDeployment `name` not in `keep`."""
+        url = DEPLOYMENTS.format(ns=self.namespace)
+        found = kube.get(url, params={"labelSelector": f"seldon-deployment-id={name}"})
+        listed = {d["metadata"]["name"] for d in found.json().get("items", [])}
+        ours = {dep for dep in self.servers if dep.startswith(f"{name}-")}
+        for dep in (listed | ours) - keep:
+            self._end(dep)
+            self.done.pop(dep, None)
+            kube.delete(f"{url}/{dep}")
+            self.events.append(f"{dep}: deleted")
+        if not keep:
+            self.ingress.routes.pop((self.namespace, name), None)
+
+    def _route(
+        self, name: str, predictors: list[dict[str, Any]], deployments: list[dict[str, Any]]
+    ) -> None:
+        route = Route()
+        for pred, deployment in zip(predictors, deployments, strict=True):
+            server = self.servers.get(deployment["metadata"]["name"])
+            if server is None:  # scaled to 0
+                continue
+            if pred.get("shadow"):
+                route.mirror = server.port
+            else:
+                route.ports.append(server.port)
+                route.weights.append(pred.get("traffic") or 100)
+        if route.ports:
+            self.ingress.routes[(self.namespace, name)] = route
+        else:
+            self.ingress.routes.pop((self.namespace, name), None)
+
+    def _apply_deployment(
+        self, kube: httpx.Client, sdep: dict[str, Any], index: int
+    ) -> dict[str, Any]:
+        desired = predictor_deployment(sdep, index)
         url = f"{DEPLOYMENTS.format(ns=self.namespace)}/{desired['metadata']['name']}"
         current = kube.get(url)
         if current.status_code == 404:
@@ -201,8 +254,8 @@ class StandInSeldonOperator:
         return dict(replaced.json())
 
     def _run_pod(self, kube: httpx.Client, name: str, pod: dict[str, Any]) -> str:
-        """What the kubelet would do with the pod: the init container, then the model
-        server. Returns an error description, or "" once the new server answers."""
+        """What the kubelet would do with Deployment `name`'s pod: the init container, then
+        the model server. Returns an error description, or "" once the new server answers."""
         if self.venv is None:
             self.events.append(f"{name}: serving {pod['initContainers'][0]['args'][0]} (no pod)")
             return ""
@@ -258,16 +311,33 @@ class StandInSeldonOperator:
             return f"model server did not start: {log.read_text()[-800:]}"
         old = self.servers.get(name)
         self.servers[name] = Server(proc, http, model_uri, log)
-        self.ingress.routes[(self.namespace, name)] = http
+        self._repoint(old, http)
         if old:
             stop_group(old.proc, 10)
         self.events.append(f"{name}: serving {model_uri}")
         return ""
 
+    def _repoint(self, old: Server | None, port: int | None) -> None:
+        """The Service in front of a Deployment's pods: routes to its old pod go to `port`
+        (its new pod), or nowhere (None: no pod left)."""
+        if old is None:
+            return
+        for key, route in list(self.ingress.routes.items()):
+            pairs = [(p, w) for p, w in zip(route.ports, route.weights, strict=True)]
+            if port is None:
+                pairs = [(p, w) for p, w in pairs if p != old.port]
+            else:
+                pairs = [(port if p == old.port else p, w) for p, w in pairs]
+            route.ports, route.weights = [p for p, _ in pairs], [w for _, w in pairs]
+            if route.mirror == old.port:
+                route.mirror = port
+            if not route.ports:
+                self.ingress.routes.pop(key, None)
+
     def _end(self, name: str) -> None:
-        self.ingress.routes.pop((self.namespace, name), None)
         server = self.servers.pop(name, None)
         if server:
+            self._repoint(server, None)
             stop_group(server.proc, 10)
 
     def _deployment_status(self, kube: httpx.Client, deployment: dict[str, Any], n: int) -> None:
@@ -280,27 +350,39 @@ class StandInSeldonOperator:
         assert patched.status_code == 200, patched.text
 
     def _sdep_status(
-        self, kube: httpx.Client, name: str, state: str, description: str, replicas: int = 0
+        self,
+        kube: httpx.Client,
+        name: str,
+        state: str,
+        description: str,
+        deployments: list[dict[str, Any]] | None = None,
     ) -> None:
         status: dict[str, Any] = {"state": state, "description": description}
-        if state == "Available":
-            status["replicas"] = replicas
+        if deployments:
+            status["replicas"] = deployments[0]["spec"]["replicas"]
             status["deploymentStatus"] = {
-                _dep_name(name): {"replicas": replicas, "availableReplicas": replicas}
+                d["metadata"]["name"]: {
+                    "replicas": d["spec"]["replicas"],
+                    "availableReplicas": d["spec"]["replicas"],
+                }
+                for d in deployments
             }
         url = f"{SDEPS.format(ns=self.namespace)}/{name}/status"
         patched = kube.patch(url, content=json.dumps({"status": status}), headers=MERGE)
         assert patched.status_code in (200, 404), patched.text
 
 
-def _dep_name(name: str, predictor: str = "default", graph: str = "model") -> str:
-    return f"{name}-{predictor}-0-{graph}"
+def _dep_name(name: str, predictor: str, container: str) -> str:
+    """Seldon's `GetDeploymentName`: `<sdep>-<predictor>-<componentSpec index>-<containers>`
+    (names over 63 characters become `seldon-<md5>`)."""
+    full = f"{name}-{predictor}-0-{container}"
+    return full if len(full) <= 63 else "seldon-" + hashlib.md5(full.encode()).hexdigest()
 
 
-def predictor_deployment(sdep: dict[str, Any]) -> dict[str, Any]:
-    """The Deployment Seldon's operator makes for the first predictor of `sdep`."""
+def predictor_deployment(sdep: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    """The Deployment Seldon's operator makes for predictor `index` of `sdep`."""
     meta, spec = sdep["metadata"], sdep["spec"]
-    pred = spec["predictors"][0]
+    pred = spec["predictors"][index]
     graph = pred["graph"]
     name = meta["name"]
     labels = {
@@ -308,6 +390,7 @@ def predictor_deployment(sdep: dict[str, Any]) -> dict[str, Any]:
         "seldon-app": f"{name}-{pred['name']}",
         "app.kubernetes.io/managed-by": "seldon-core",
     }
+    pod_labels = {**labels, **({"seldon.io/shadow": "true"} if pred.get("shadow") else {})}
     component = (pred.get("componentSpecs") or [{"spec": {}}])[0]["spec"]
     user = next((c for c in component.get("containers", []) if c["name"] == graph["name"]), {})
     volume = {"name": f"{graph['name']}-provision-location", "mountPath": "/mnt/models"}
@@ -356,16 +439,30 @@ def predictor_deployment(sdep: dict[str, Any]) -> dict[str, Any]:
         "spec": {
             "replicas": pred.get("replicas", 1),
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": pod},
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod},
         },
     }
 
 
+@dataclass
+class Route:
+    """Where the ingress sends a SeldonDeployment's requests: one of `ports` at random by
+    `weights` (the predictors' `traffic`), and a copy to `mirror` (a shadow predictor)."""
+
+    ports: list[int] = field(default_factory=list)
+    weights: list[int] = field(default_factory=list)
+    mirror: int | None = None
+    mirrored: int = 0  # copies the shadow answered
+
+    def pick(self) -> int:
+        return random.choices(self.ports, weights=self.weights)[0]
+
+
 class StandInIngress:
-    """STAND-IN for Istio/Ambassador: `/seldon/{ns}/{name}/REST` -> the serving process."""
+    """STAND-IN for Istio/Ambassador: `/seldon/{ns}/{name}/REST` -> the serving processes."""
 
     def __init__(self) -> None:
-        self.routes: dict[tuple[str, str], int] = {}
+        self.routes: dict[tuple[str, str], Route] = {}
         self.port = loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         routes = self.routes
@@ -373,11 +470,15 @@ class StandInIngress:
         class Handler(BaseHTTPRequestHandler):
             def _forward(self) -> None:
                 parts = self.path.split("/", 4)  # "", "seldon", namespace, name, rest
-                port = routes.get((parts[2], parts[3])) if len(parts) == 5 else None
-                if port is None:
+                route = routes.get((parts[2], parts[3])) if len(parts) == 5 else None
+                if route is None or not route.ports:
                     self.send_error(503, "no endpoints available for service")
                     return
+                port = route.pick()
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if route.mirror is not None:
+                    mirror = (route, route.mirror, self.command, parts[4], body)
+                    threading.Thread(target=_mirror, args=mirror, daemon=True).start()
                 try:
                     answer = httpx.request(
                         self.command, f"http://127.0.0.1:{port}/{parts[4]}", content=body,
@@ -404,3 +505,16 @@ class StandInIngress:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _mirror(route: Route, port: int, method: str, path: str, body: bytes) -> None:
+    """Istio's `mirror`: send a copy, drop the answer (fire and forget)."""
+    try:
+        answer = httpx.request(
+            method, f"http://127.0.0.1:{port}/{path}", content=body,
+            headers={"Content-Type": "application/json"}, timeout=30,
+        )  # fmt: skip
+    except httpx.HTTPError:
+        return
+    if answer.status_code == 200:
+        route.mirrored += 1

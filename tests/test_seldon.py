@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,17 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def components(kube_api, tmp_path_factory) -> Iterator[dict[str, Any]]:
-    """moto S3 + an MLflow server with its artifact root in the bucket (this module's tracking
-    URI), the Seldon CRD and a namespace on the real API server, the stand-in operator and
-    ingress."""
+    with seldon_components(kube_api, tmp_path_factory, NS) as found:
+        yield found
+
+
+@contextmanager
+def seldon_components(
+    kube_api: Any, tmp_path_factory: pytest.TempPathFactory, namespace: str
+) -> Iterator[dict[str, Any]]:
+    """moto S3 + an MLflow server with its artifact root in the bucket (the tracking URI while
+    it lasts), the Seldon CRD and `namespace` on the real API server, the stand-in operator
+    and ingress."""
     env.require(CRD.exists(), f"the Seldon CRD is missing at {CRD}")
     env.require(bool(env.shutil.which("rclone")), "rclone is missing (`apt-get install rclone`)")
     venv = env.seldon_venv()
@@ -65,14 +74,17 @@ def components(kube_api, tmp_path_factory) -> Iterator[dict[str, Any]]:
             patch.setenv(key, value)
         with kube_api.client() as kube:
             _install_crd(kube)
-            created = kube.post("/api/v1/namespaces", json={"metadata": {"name": NS}})
+            created = kube.post("/api/v1/namespaces", json={"metadata": {"name": namespace}})
             assert created.status_code in (201, 409), created.text
         ingress = StandInIngress()
-        operator = StandInSeldonOperator(kube_api, NS, venv, work / "pods", ingress)
+        operator = StandInSeldonOperator(kube_api, namespace, venv, work / "pods", ingress)
         (work / "pods").mkdir()
         operator.start()
         try:
-            yield {"s3": s3_url, "operator": operator, "ingress": ingress, "work": work}
+            yield {
+                "s3": s3_url, "operator": operator, "ingress": ingress, "work": work,
+                "namespace": namespace,
+            }  # fmt: skip
         finally:
             operator.stop()
             ingress.stop()
@@ -108,7 +120,7 @@ def _deployer(components: dict[str, Any], kube_api: Any, **changes: Any) -> Seld
     )
     options: dict[str, Any] = {
         "cluster_config": KubernetesClusterConfig.from_file(kube_api.kubeconfig),
-        "namespace": NS,
+        "namespace": components["namespace"],
         "base_url": components["ingress"].url,
         "object_store": store,
         "deploy_timeout": 180,
@@ -149,9 +161,9 @@ def _in_process(config: DeploymentConfig, frame: pd.DataFrame) -> list[float]:
     return [float(x) for x in mlflow.pyfunc.load_model(config.model_uri).predict(frame)]
 
 
-def _sdep(kube_api: Any, name: str) -> dict[str, Any]:
+def _sdep(kube_api: Any, name: str, namespace: str = NS) -> dict[str, Any]:
     with kube_api.client() as kube:
-        found = kube.get(f"{SDEPS.format(ns=NS)}/{name}")
+        found = kube.get(f"{SDEPS.format(ns=namespace)}/{name}")
         assert found.status_code == 200, found.text
         return dict(found.json())
 
