@@ -23,6 +23,14 @@ import mlflow
 import pandas as pd
 import pytest
 from prefect.client.schemas.actions import DeploymentUpdate
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 
 from blocks import MLflowModelDeployer
 from ctcd.loadgen import Load
@@ -58,9 +66,26 @@ def prefect(tmp_path_factory) -> dict[str, str]:
         env["PREFECT_API_URL"] = api
         done = _make_deploy(env)
         assert done.returncode == 0, done.stdout + done.stderr
+        _only_on_demand(env, "rollout-analysis/rollout-analysis")
         yield env
     finally:
         stop_group(proc)
+
+
+def _only_on_demand(env: dict[str, str], name: str) -> None:
+    """Turn off the deployment's schedule and drop the runs it scheduled: a scheduled analysis
+    with the default parameters (no outcomes: guardrails only) would decide the test's rollouts
+    before the test's own run, on other evidence."""
+    with _api(env) as client:
+        deployment = client.read_deployment_by_name(name)
+        for schedule in deployment.schedules:
+            client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+        scheduled = FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+        )
+        only = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        for run in client.read_flow_runs(flow_run_filter=scheduled, deployment_filter=only):
+            client.delete_flow_run(run.id)
 
 
 def _healthy(api: str) -> bool:
