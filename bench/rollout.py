@@ -1,0 +1,190 @@
+"""What a rollout costs the champion, side by side in one run (issue 23):
+
+    .venv/bin/python bench/rollout.py [--rounds 5] [--seconds 5] [--clients 1 16]
+                                      [--champion random_forest] [--candidate linear]
+
+One local server (1 worker by default) serves the champion (the demo's model: a random forest,
+100 trees, depth 12) and, during a rollout, a second version of the same registered model (the
+linear model), both trained on the 115,609-row sample (`ctcd.sample`). In each round the same
+server is put in each state in turn and loaded by `httpload.py` (a separate client process,
+keep-alive connections, single-row bodies, no `X-Request-ID`: each request gets a new id):
+
+- `none`: the champion alone;
+- `canary 10 %`: `deploy_model(candidate, rollout=RolloutPolicy("canary", traffic_percent=10))`;
+- `shadow 100 %`: `deploy_model(candidate, rollout=RolloutPolicy("shadow", shadow_percent=100))`;
+
+with `abort_rollout` between them, so the rounds interleave (none, canary, shadow, none, ...)
+and slow drifts of a shared machine spread over all three. After each switch a warm-up load
+runs first. Latency p50/p99 counts the champion's answers only (`X-Model-Role: champion`);
+req/s counts every answer. Memory: RSS and PSS of the worker (holding one version, or two
+during a rollout) after its runs. Printed: each round's figures, then per state and client count
+the median over rounds and its ratio to `none`, and whether the issue's goal holds (shadow adds
+<= 10 % to the champion's p99 at 1 client). Results also go to `--out` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+from common import isolated_home, register_versions, single_row_body
+from serving import Server, load
+
+from ctcd.rollout import RolloutPolicy
+
+STATES: dict[str, RolloutPolicy | None] = {
+    "none": None,
+    "canary 10 %": RolloutPolicy(mode="canary", traffic_percent=10),
+    "shadow 100 %": RolloutPolicy(mode="shadow", shadow_percent=100),
+}
+GOAL = 0.10  # shadow may add this share to the champion's p99 at 1 client
+
+
+def worker_memory(server: Server) -> dict[str, float]:
+    """RSS and PSS in MB of the server's workers (the master's children), summed, and how
+    many there are (1 per worker once a switch has converged)."""
+    rss = pss = 0.0
+    workers = psutil.Process(server.pid).children(recursive=True)
+    for proc in workers:
+        try:
+            info = proc.memory_full_info()
+        except psutil.Error:
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", 0.0)
+    return {"rss_mb": rss / 2**20, "pss_mb": pss / 2**20, "workers": len(workers)}
+
+
+def metadata(url: str) -> dict[str, Any]:
+    base = url.rsplit("/", 1)[0]
+    with urllib.request.urlopen(f"{base}/metadata", timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summary(rounds: list[dict[str, Any]], clients: list[int]) -> dict[str, Any]:
+    """Per state and client count: median p50, p99, req/s over the rounds, and their ratios
+    to `none`; per state: median worker memory."""
+    out: dict[str, Any] = {"load": {}, "memory": {}}
+    for state in STATES:
+        for c in clients:
+            cells = [r["load"][str(c)] for r in rounds if r["state"] == state]
+            out["load"][f"{state}|{c}"] = {
+                key: median([cell[key] for cell in cells]) for key in ("p50_ms", "p99_ms", "req_s")
+            } | {
+                "p99_range": [min(cell["p99_ms"] for cell in cells),
+                              max(cell["p99_ms"] for cell in cells)],
+                "rounds": len(cells),
+            }  # fmt: skip
+        mems = [r["memory"] for r in rounds if r["state"] == state]
+        out["memory"][state] = {k: median([m[k] for m in mems]) for k in ("rss_mb", "pss_mb")}
+    for c in clients:
+        base = out["load"][f"none|{c}"]
+        for state in STATES:
+            cell = out["load"][f"{state}|{c}"]
+            cell["ratios"] = {k: cell[k] / base[k] for k in ("p50_ms", "p99_ms", "req_s")}
+    return out
+
+
+def print_tables(result: dict[str, Any], clients: list[int]) -> None:
+    s = result["summary"]
+    n = result["args"]["rounds"]
+    print(f"\n| clients | state | champion p50 (ms) | champion p99 (ms) | p99 range over "
+          f"{n} rounds | req/s (all answers) | vs none: p50 / p99 / req/s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for c in clients:
+        for state in STATES:
+            cell = s["load"][f"{state}|{c}"]
+            r = cell["ratios"]
+            lo, hi = cell["p99_range"]
+            print(f"| {c} | {state} | {cell['p50_ms']:.2f} | {cell['p99_ms']:.2f} | "
+                  f"{lo:.2f}-{hi:.2f} | {cell['req_s']:,.0f} | "
+                  f"{r['p50_ms']:.2f}x / {r['p99_ms']:.2f}x / {r['req_s']:.2f}x |")  # fmt: skip
+    print("\n| state | versions in the worker | worker RSS (MB) | worker PSS (MB) |")
+    print("|---|---|---|---|")
+    for state in STATES:
+        m = s["memory"][state]
+        held = 1 if STATES[state] is None else 2
+        print(f"| {state} | {held} | {m['rss_mb']:.0f} | {m['pss_mb']:.0f} |")
+    one = s["load"]["shadow 100 %|1"]["ratios"]["p99_ms"] if 1 in clients else None
+    if one is not None:
+        held = "holds" if one - 1 <= GOAL else "does NOT hold"
+        print(f"\ngoal: shadow adds <= {GOAL:.0%} to the champion's p99 at 1 client: "
+              f"{one - 1:+.1%} ({held})")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per cell")
+    parser.add_argument("--warmup", type=float, default=1.0, help="load after each switch")
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--champion", default="random_forest")
+    parser.add_argument("--candidate", default="linear")
+    parser.add_argument("--out", default="rollout-results.json")
+    args = parser.parse_args()
+    work = isolated_home()
+    from blocks import MLflowModelDeployer
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    print(f"training {args.champion} (champion) and {args.candidate} (candidate) on the "
+          "115,609-row sample ...", flush=True)  # fmt: skip
+    champion, candidate = register_versions(
+        "bench-rollout", [(args.champion, {}), (args.candidate, {})]
+    )
+    deployer = MLflowModelDeployer(workers=args.workers)
+    record = deployer.deploy_model(champion)
+    body = work / "body.json"
+    body.write_bytes(single_row_body(record))
+    server = Server(record.prediction_url, int(record.local.pid), None)
+    rounds: list[dict[str, Any]] = []
+    try:
+        for i in range(args.rounds):
+            for state, policy in STATES.items():
+                switch = time.perf_counter()
+                if deployer.get_model_server(record.uuid).rollout is not None:
+                    deployer.abort_rollout(record.uuid)
+                if policy is not None:
+                    deployer.deploy_model(candidate, rollout=policy)
+                switch_s = time.perf_counter() - switch
+                warm = load(server, body, 1, 1, args.warmup)
+                cells = {}
+                for c in args.clients:
+                    cells[str(c)] = load(server, body, c, 1, args.seconds, role="champion")
+                memory = worker_memory(server)
+                meta = metadata(record.prediction_url)
+                copies = meta.get("rollout", {}).get("candidate_requests")
+                sent = warm["requests"] + sum(r["requests"] for r in cells.values())
+                rounds.append({"round": i + 1, "state": state, "load": cells, "memory": memory,
+                               "switch_s": switch_s, "candidate_requests": copies,
+                               "sent": sent})  # fmt: skip
+                line = "  ".join(
+                    f"c={c}: {r['req_s']:6.0f} req/s p50 {r['p50_ms']:5.2f} p99 {r['p99_ms']:6.2f}"
+                    f" ms ({r['timed']}/{r['requests']} timed, failed {r['failed']})"
+                    for c, r in cells.items()
+                )
+                print(f"round {i + 1} {state:12s} {line}  worker RSS {memory['rss_mb']:.0f} "
+                      f"PSS {memory['pss_mb']:.0f} MB ({memory['workers']})"
+                      + (f", candidate answered {copies}/{sent}" if copies is not None else "")
+                      + f", switch {switch_s:.1f} s", flush=True)  # fmt: skip
+    finally:
+        deployer.delete_model_server(record.uuid)
+    result = {"started": started, "args": vars(args), "rounds": rounds,
+              "summary": summary(rounds, args.clients)}  # fmt: skip
+    print_tables(result, args.clients)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nresults: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
