@@ -16,7 +16,9 @@ keep-alive connections, single-row bodies, no `X-Request-ID`: each request gets 
 with `abort_rollout` between them, so the rounds interleave (none, canary, shadow, none, ...)
 and slow drifts of a shared machine spread over all three. After each switch a warm-up load
 runs first. Latency p50/p99 counts the champion's answers only (`X-Model-Role: champion`);
-req/s counts every answer. Memory: RSS and PSS of the worker (holding one version, or two
+req/s counts every answer; the workers' CPU time per answer (psutil, over the cell) says what
+each state costs the server whatever else the machine runs, and the load average is printed
+beside it. Memory: RSS and PSS of the worker (holding one version, or two
 during a rollout) after its runs. Printed: each round's figures, then per state and client count
 the median over rounds and its ratio to `none`, and whether the issue's goal holds (shadow adds
 <= 10 % to the champion's p99 at 1 client). Results also go to `--out` as JSON.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 import urllib.request
@@ -43,6 +46,7 @@ STATES: dict[str, RolloutPolicy | None] = {
     "canary 10 %": RolloutPolicy(mode="canary", traffic_percent=10),
     "shadow 100 %": RolloutPolicy(mode="shadow", shadow_percent=100),
 }
+KEYS = ("p50_ms", "p99_ms", "req_s", "cpu_ms", "loadavg")
 GOAL = 0.10  # shadow may add this share to the champion's p99 at 1 client
 
 
@@ -59,6 +63,27 @@ def worker_memory(server: Server) -> dict[str, float]:
         rss += info.rss
         pss += getattr(info, "pss", 0.0)
     return {"rss_mb": rss / 2**20, "pss_mb": pss / 2**20, "workers": len(workers)}
+
+
+def worker_cpu(server: Server) -> float:
+    """CPU seconds (user + system) the server's workers have used so far."""
+    total = 0.0
+    for proc in psutil.Process(server.pid).children(recursive=True):
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def measure(server: Server, body: Path, clients: int, seconds: float) -> dict[str, Any]:
+    """One cell: httpload's figures (latency of the champion's answers), the workers' CPU
+    milliseconds per answer, and the machine's load average meanwhile (1 min)."""
+    before = worker_cpu(server)
+    r = load(server, body, clients, 1, seconds, role="champion")
+    used = worker_cpu(server) - before
+    return r | {"cpu_ms": used * 1000 / max(r["requests"], 1), "loadavg": os.getloadavg()[0]}
 
 
 def metadata(url: str) -> dict[str, Any]:
@@ -79,7 +104,7 @@ def summary(rounds: list[dict[str, Any]], clients: list[int]) -> dict[str, Any]:
         for c in clients:
             cells = [r["load"][str(c)] for r in rounds if r["state"] == state]
             out["load"][f"{state}|{c}"] = {
-                key: median([cell[key] for cell in cells]) for key in ("p50_ms", "p99_ms", "req_s")
+                key: median([cell[key] for cell in cells]) for key in KEYS
             } | {
                 "p99_range": [min(cell["p99_ms"] for cell in cells),
                               max(cell["p99_ms"] for cell in cells)],
@@ -91,24 +116,26 @@ def summary(rounds: list[dict[str, Any]], clients: list[int]) -> dict[str, Any]:
         base = out["load"][f"none|{c}"]
         for state in STATES:
             cell = out["load"][f"{state}|{c}"]
-            cell["ratios"] = {k: cell[k] / base[k] for k in ("p50_ms", "p99_ms", "req_s")}
+            cell["ratios"] = {k: cell[k] / base[k] for k in KEYS}
     return out
 
 
 def print_tables(result: dict[str, Any], clients: list[int]) -> None:
     s = result["summary"]
     n = result["args"]["rounds"]
-    print(f"\n| clients | state | champion p50 (ms) | champion p99 (ms) | p99 range over "
-          f"{n} rounds | req/s (all answers) | vs none: p50 / p99 / req/s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| clients | state | champion p50 (ms) | champion p99 (ms) | p99 range over {n} "
+          "rounds | req/s (all answers) | worker CPU ms per answer | load avg | vs none: p50 / "
+          "p99 / req/s / CPU |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in clients:
         for state in STATES:
             cell = s["load"][f"{state}|{c}"]
             r = cell["ratios"]
             lo, hi = cell["p99_range"]
             print(f"| {c} | {state} | {cell['p50_ms']:.2f} | {cell['p99_ms']:.2f} | "
-                  f"{lo:.2f}-{hi:.2f} | {cell['req_s']:,.0f} | "
-                  f"{r['p50_ms']:.2f}x / {r['p99_ms']:.2f}x / {r['req_s']:.2f}x |")  # fmt: skip
+                  f"{lo:.2f}-{hi:.2f} | {cell['req_s']:,.0f} | {cell['cpu_ms']:.2f} | "
+                  f"{cell['loadavg']:.1f} | {r['p50_ms']:.2f}x / {r['p99_ms']:.2f}x / "
+                  f"{r['req_s']:.2f}x / {r['cpu_ms']:.2f}x |")  # fmt: skip
     print("\n| state | versions in the worker | worker RSS (MB) | worker PSS (MB) |")
     print("|---|---|---|---|")
     for state in STATES:
@@ -160,7 +187,7 @@ def main() -> None:
                 warm = load(server, body, 1, 1, args.warmup)
                 cells = {}
                 for c in args.clients:
-                    cells[str(c)] = load(server, body, c, 1, args.seconds, role="champion")
+                    cells[str(c)] = measure(server, body, c, args.seconds)
                 memory = worker_memory(server)
                 meta = metadata(record.prediction_url)
                 copies = meta.get("rollout", {}).get("candidate_requests")
@@ -170,7 +197,8 @@ def main() -> None:
                                "sent": sent})  # fmt: skip
                 line = "  ".join(
                     f"c={c}: {r['req_s']:6.0f} req/s p50 {r['p50_ms']:5.2f} p99 {r['p99_ms']:6.2f}"
-                    f" ms ({r['timed']}/{r['requests']} timed, failed {r['failed']})"
+                    f" ms cpu {r['cpu_ms']:.2f} ms/req ({r['timed']}/{r['requests']} timed, "
+                    f"failed {r['failed']}, load {r['loadavg']:.1f})"
                     for c, r in cells.items()
                 )
                 print(f"round {i + 1} {state:12s} {line}  worker RSS {memory['rss_mb']:.0f} "
