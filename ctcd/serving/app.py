@@ -175,7 +175,7 @@ def _stack(served: ds.ServedModel, loaded: PyFuncModel, role: str) -> tuple[Fast
     scoring = scoring_server.init(batching)  # type: ignore[arg-type]
     scoring.add_middleware(FastInvocations, scorer=batching)
     scoring.state.scorer = batching
-    return scoring, Model(scoring, served.model_version, log)
+    return scoring, Model(scoring, served.model_version, log, scorer=batching)
 
 
 SERVING, model, _SAID, _CANDIDATE = _load()
@@ -184,7 +184,13 @@ app, champion = _stack(SERVING, model, "champion")
 candidate = _stack(_CANDIDATE[0], _CANDIDATE[1], _CANDIDATE[2].role)[1] if _CANDIDATE else None
 scorer: BatchingModel = app.state.scorer
 predictions = champion.log
-app.add_middleware(RolloutRouter, champion=champion, candidate=candidate, rollout=ROLLOUT)
+app.add_middleware(
+    RolloutRouter,
+    champion=champion,
+    candidate=candidate,
+    rollout=ROLLOUT,
+    shadow_batch_ms=SETTINGS.shadow_batch_ms,
+)
 # outermost: its limits apply to every path
 app.add_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes)
 
