@@ -12,6 +12,8 @@ keep-alive connections, single-row bodies, no `X-Request-ID`: each request gets 
 - `none`: the champion alone;
 - `canary 10 %`: `deploy_model(candidate, rollout=RolloutPolicy("canary", traffic_percent=10))`;
 - `shadow 100 %`: `deploy_model(candidate, rollout=RolloutPolicy("shadow", shadow_percent=100))`;
+- `shadow 100 %, batched`: the same on the server redeployed with `shadow_batch_ms`
+  (`--shadow-batch-ms`, default 500): copies collected and scored together;
 
 with `abort_rollout` between them, so the rounds interleave (none, canary, shadow, none, ...)
 and slow drifts of a shared machine spread over all three. After each switch a warm-up load
@@ -41,10 +43,13 @@ from serving import Server, load
 
 from ctcd.rollout import RolloutPolicy
 
-STATES: dict[str, RolloutPolicy | None] = {
-    "none": None,
-    "canary 10 %": RolloutPolicy(mode="canary", traffic_percent=10),
-    "shadow 100 %": RolloutPolicy(mode="shadow", shadow_percent=100),
+SHADOW = RolloutPolicy(mode="shadow", shadow_percent=100)
+# state: (the rollout, whether the server collects shadow copies into batches)
+STATES: dict[str, tuple[RolloutPolicy | None, bool]] = {
+    "none": (None, False),
+    "canary 10 %": (RolloutPolicy(mode="canary", traffic_percent=10), False),
+    "shadow 100 %": (SHADOW, False),
+    "shadow 100 %, batched": (SHADOW, True),
 }
 KEYS = ("p50_ms", "p99_ms", "req_s", "cpu_ms", "loadavg")
 GOAL = 0.10  # shadow may add this share to the champion's p99 at 1 client
@@ -140,12 +145,15 @@ def print_tables(result: dict[str, Any], clients: list[int]) -> None:
     print("|---|---|---|---|")
     for state in STATES:
         m = s["memory"][state]
-        held = 1 if STATES[state] is None else 2
+        held = 1 if STATES[state][0] is None else 2
         print(f"| {state} | {held} | {m['rss_mb']:.0f} | {m['pss_mb']:.0f} |")
-    one = s["load"]["shadow 100 %|1"]["ratios"]["p99_ms"] if 1 in clients else None
-    if one is not None:
+    if 1 not in clients:
+        return
+    print()
+    for state in ("shadow 100 %", "shadow 100 %, batched"):
+        one = s["load"][f"{state}|1"]["ratios"]["p99_ms"]
         held = "holds" if one - 1 <= GOAL else "does NOT hold"
-        print(f"\ngoal: shadow adds <= {GOAL:.0%} to the champion's p99 at 1 client: "
+        print(f"goal: {state} adds <= {GOAL:.0%} to the champion's p99 at 1 client: "
               f"{one - 1:+.1%} ({held})")  # fmt: skip
 
 
@@ -158,6 +166,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--champion", default="random_forest")
     parser.add_argument("--candidate", default="linear")
+    parser.add_argument("--shadow-batch-ms", type=float, default=500.0)
     parser.add_argument("--out", default="rollout-results.json")
     args = parser.parse_args()
     work = isolated_home()
@@ -169,7 +178,11 @@ def main() -> None:
     champion, candidate = register_versions(
         "bench-rollout", [(args.champion, {}), (args.candidate, {})]
     )
-    deployer = MLflowModelDeployer(workers=args.workers)
+    deployers = {
+        False: MLflowModelDeployer(workers=args.workers),
+        True: MLflowModelDeployer(workers=args.workers, shadow_batch_ms=args.shadow_batch_ms),
+    }
+    deployer, batching = deployers[False], False
     record = deployer.deploy_model(champion)
     body = work / "body.json"
     body.write_bytes(single_row_body(record))
@@ -177,10 +190,13 @@ def main() -> None:
     rounds: list[dict[str, Any]] = []
     try:
         for i in range(args.rounds):
-            for state, policy in STATES.items():
+            for state, (policy, batched) in STATES.items():
                 switch = time.perf_counter()
                 if deployer.get_model_server(record.uuid).rollout is not None:
                     deployer.abort_rollout(record.uuid)
+                if batched != batching:  # the same version, the other settings: a swap
+                    deployer, batching = deployers[batched], batched
+                    deployer.deploy_model(champion)
                 if policy is not None:
                     deployer.deploy_model(candidate, rollout=policy)
                 switch_s = time.perf_counter() - switch
@@ -191,20 +207,22 @@ def main() -> None:
                 memory = worker_memory(server)
                 meta = metadata(record.prediction_url)
                 copies = meta.get("rollout", {}).get("candidate_requests")
+                batch_ms = meta["settings"].get("shadow_batch_ms")
                 sent = warm["requests"] + sum(r["requests"] for r in cells.values())
                 rounds.append({"round": i + 1, "state": state, "load": cells, "memory": memory,
                                "switch_s": switch_s, "candidate_requests": copies,
-                               "sent": sent})  # fmt: skip
+                               "sent": sent, "shadow_batch_ms": batch_ms})  # fmt: skip
                 line = "  ".join(
                     f"c={c}: {r['req_s']:6.0f} req/s p50 {r['p50_ms']:5.2f} p99 {r['p99_ms']:6.2f}"
                     f" ms cpu {r['cpu_ms']:.2f} ms/req ({r['timed']}/{r['requests']} timed, "
                     f"failed {r['failed']}, load {r['loadavg']:.1f})"
                     for c, r in cells.items()
                 )
-                print(f"round {i + 1} {state:12s} {line}  worker RSS {memory['rss_mb']:.0f} "
+                print(f"round {i + 1} {state:21s} {line}  worker RSS {memory['rss_mb']:.0f} "
                       f"PSS {memory['pss_mb']:.0f} MB ({memory['workers']})"
                       + (f", candidate answered {copies}/{sent}" if copies is not None else "")
-                      + f", switch {switch_s:.1f} s", flush=True)  # fmt: skip
+                      + f", switch {switch_s:.1f} s, shadow_batch_ms {batch_ms:g}",
+                      flush=True)  # fmt: skip
     finally:
         deployer.delete_model_server(record.uuid)
     result = {"started": started, "args": vars(args), "rounds": rounds,
