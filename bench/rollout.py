@@ -16,14 +16,15 @@ keep-alive connections, single-row bodies, no `X-Request-ID`: each request gets 
   (`--shadow-batch-ms`, default 500): copies collected and scored together;
 
 with `abort_rollout` between them, so the rounds interleave (none, canary, shadow, none, ...)
-and slow drifts of a shared machine spread over all three. After each switch a warm-up load
+and slow drifts of a shared machine spread over every state. After each switch a warm-up load
 runs first. Latency p50/p99 counts the champion's answers only (`X-Model-Role: champion`);
 req/s counts every answer; the workers' CPU time per answer (psutil, over the cell) says what
 each state costs the server whatever else the machine runs, and the load average is printed
 beside it. Memory: RSS and PSS of the worker (holding one version, or two
-during a rollout) after its runs. Printed: each round's figures, then per state and client count
-the median over rounds and its ratio to `none`, and whether the issue's goal holds (shadow adds
-<= 10 % to the champion's p99 at 1 client). Results also go to `--out` as JSON.
+during a rollout) after its runs. Printed: each round's figures, then per state and client
+count the median over rounds and the median of each round's ratio to that round's `none`, and
+whether the issue's goal holds (shadow adds <= 10 % to the champion's p99 at 1 client). Results
+also go to `--out` as JSON.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def median(values: list[float]) -> float:
 
 
 def summary(rounds: list[dict[str, Any]], clients: list[int]) -> dict[str, Any]:
-    """Per state and client count: median p50, p99, req/s over the rounds, and their ratios
-    to `none`; per state: median worker memory."""
+    """Per state and client count: median p50, p99, req/s, CPU over the rounds, and the
+    median of each round's ratio to that round's `none` (paired: a drift of the machine's
+    load between rounds cancels); per state: median worker memory."""
     out: dict[str, Any] = {"load": {}, "memory": {}}
     for state in STATES:
         for c in clients:
@@ -117,11 +119,14 @@ def summary(rounds: list[dict[str, Any]], clients: list[int]) -> dict[str, Any]:
             }  # fmt: skip
         mems = [r["memory"] for r in rounds if r["state"] == state]
         out["memory"][state] = {k: median([m[k] for m in mems]) for k in ("rss_mb", "pss_mb")}
+    base = {r["round"]: r["load"] for r in rounds if r["state"] == "none"}
     for c in clients:
-        base = out["load"][f"none|{c}"]
         for state in STATES:
-            cell = out["load"][f"{state}|{c}"]
-            cell["ratios"] = {k: cell[k] / base[k] for k in KEYS}
+            mine = [r for r in rounds if r["state"] == state and r["round"] in base]
+            out["load"][f"{state}|{c}"]["ratios"] = {
+                k: median([r["load"][str(c)][k] / base[r["round"]][str(c)][k] for r in mine])
+                for k in KEYS
+            }
     return out
 
 
@@ -129,8 +134,8 @@ def print_tables(result: dict[str, Any], clients: list[int]) -> None:
     s = result["summary"]
     n = result["args"]["rounds"]
     print(f"\n| clients | state | champion p50 (ms) | champion p99 (ms) | p99 range over {n} "
-          "rounds | req/s (all answers) | worker CPU ms per answer | load avg | vs none: p50 / "
-          "p99 / req/s / CPU |")  # fmt: skip
+          "rounds | req/s (all answers) | worker CPU ms per answer | load avg | vs none (median of "
+          "paired ratios): p50 / p99 / req/s / CPU |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for c in clients:
         for state in STATES:
