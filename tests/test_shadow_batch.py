@@ -1,6 +1,7 @@
 """Shadow copies scored in batches (`shadow_batch_ms`) on a real local server: the clients get
 the champion's answers, and the log pairs every request with the candidate's own answer to
-its rows, as if each copy had been scored alone."""
+its rows, as if each copy had been scored alone, also for copies still collected when the
+worker leaves."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _wait_for(check, timeout: float = 30.0):
 def test_batched_shadow_copies_pair_with_the_champion_and_match_the_candidate_alone(
     versions, ctcd_home
 ):
-    deployer = MLflowModelDeployer(workers=1, shadow_batch_ms=300, log_flush_s=0.5)
+    deployer = MLflowModelDeployer(workers=1, shadow_batch_ms=5000, log_flush_s=0.5)
     good, better = versions["good"], versions["better"]
     record = deployer.deploy_model(good)
     try:
@@ -109,5 +110,23 @@ def test_batched_shadow_copies_pair_with_the_champion_and_match_the_candidate_al
             assert len(mine) == len(frame)
             expected = np.asarray(candidate.predict(frame), dtype=float).ravel()
             np.testing.assert_allclose(mine["prediction"].to_numpy(dtype=float), expected)
+        # copies still collected when the rollout closes are scored before the worker leaves
+        late = [(f"late{i}", body) for i, (_, body, _) in enumerate(bodies[:30])]
+        with httpx.Client(timeout=30) as client:
+            for rid, body in late:
+                headers = JSON | {"X-Request-ID": rid}
+                assert client.post(record.prediction_url, content=body, headers=headers).is_success
+        deployer.abort_rollout(record.uuid)
+        lates = {rid for rid, _ in late}
+        log = _wait_for(
+            lambda: (
+                log
+                if not (log := read_log(runtime)).empty
+                and lates <= set(log.loc[log["role"] == "shadow", "request_id"])
+                else None
+            ),
+            timeout=15,
+        )
+        assert log is not None, "copies collected when the worker left were not logged"
     finally:
         deployer.delete_model_server(record.uuid)

@@ -52,7 +52,7 @@ from ctcd.serving.batching import BatchingModel, set_threads
 from ctcd.serving.fastpath import FastInvocations
 from ctcd.serving.limits import RequestGuard
 from ctcd.serving.predlog import PredictionLog
-from ctcd.serving.router import Model, RolloutRouter
+from ctcd.serving.router import ROUTERS, Model, RolloutRouter
 from ctcd.serving.settings import ServerSettings
 
 SERVICE_DIR = Path(os.environ["CTCD_SERVICE_DIR"])
@@ -197,7 +197,10 @@ app.add_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes)
 
 @app.on_event("shutdown")
 async def _write_predictions() -> None:
-    """A leaving worker (swap, stop) writes the predictions it still holds."""
+    """A leaving worker (swap, stop) writes the predictions it still holds (its shadow copies
+    scored first)."""
+    for router in ROUTERS:
+        await router.drain()
     predictions.close()
     if candidate is not None:
         candidate.log.close()

@@ -41,6 +41,8 @@ from ctcd.serving.predlog import REQUEST_START, PredictionLog, request_id_from
 
 MAX_SHADOWS = 64
 MAX_PENDING = 1024  # shadow copies collected for one batch (`shadow_batch_ms`)
+DRAIN_S = 3.0  # a leaving worker waits this long for its shadow copies to be scored
+ROUTERS: list[RolloutRouter] = []  # this worker's routers, drained when it leaves
 Copy = tuple[str, Scope, bytes]  # a shadow copy: request id, scope, body
 
 
@@ -77,6 +79,7 @@ class RolloutRouter:
         self.batch_s = shadow_batch_ms / 1000
         self.pending: list[Copy] = []
         self.timer: asyncio.TimerHandle | None = None
+        ROUTERS.append(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/invocations":
@@ -120,6 +123,14 @@ class RolloutRouter:
         elif self.timer is None:
             loop = asyncio.get_running_loop()
             self.timer = loop.call_later(self.batch_s, self._flush, candidate)
+
+    async def drain(self, timeout: float = DRAIN_S) -> None:
+        """Score the copies collected and wait (up to `timeout`) for those in flight: a
+        leaving worker logs its shadow answers before it closes its logs."""
+        if self.candidate is not None:
+            self._flush(self.candidate)
+        if self.shadows:
+            await asyncio.wait(set(self.shadows), timeout=timeout)
 
     def _flush(self, candidate: Model) -> None:
         if self.timer is not None:
