@@ -15,8 +15,10 @@ scoring path, the prediction log and the answer all name the same id. Then:
   candidate scores them together in `predict` calls of up to `max_batch_size` rows: a copy then
   costs the worker a small share of one call instead of a call of its own, and the champion's
   requests meet the candidate's work once per batch instead of after every answer. Its log rows'
-  `latency_ms` is then the time its batch took to score. A copy whose body is not on the fast
-  path (`ctcd.serving.fastpath`), or whose batch raised, is scored alone as above.
+  `latency_ms` is then the time its batch took to score. A batch parses and logs its copies
+  `YIELD_EVERY` at a time, letting the requests that arrived meanwhile in between, so the
+  champion waits for a slice of it, not all of it. A copy whose body is not on the fast path
+  (`ctcd.serving.fastpath`), or whose batch raised, is scored alone as above.
 
 Every answer carries `X-Model-Version` (the version that answered) and `X-Model-Role`
 (`champion` or `canary`). Each model's log counts the requests it answered and those it answered
@@ -41,6 +43,7 @@ from ctcd.serving.predlog import REQUEST_START, PredictionLog, request_id_from
 
 MAX_SHADOWS = 64
 MAX_PENDING = 1024  # shadow copies collected for one batch (`shadow_batch_ms`)
+YIELD_EVERY = 16  # copies a batch parses or logs before it lets the champion's requests in
 DRAIN_S = 3.0  # a leaving worker waits this long for its shadow copies to be scored
 ROUTERS: list[RolloutRouter] = []  # this worker's routers, drained when it leaves
 Copy = tuple[str, Scope, bytes]  # a shadow copy: request id, scope, body
@@ -190,7 +193,9 @@ async def _shadow_batch(candidate: Model, batch: list[Copy]) -> None:
     columns, names = candidate.columns, tuple(candidate.columns)
     limit = candidate.scorer.settings.max_batch_size
     parsed: list[tuple[Copy, list[list[Any]]]] = []
-    for copy in batch:
+    for i, copy in enumerate(batch):
+        if i and not i % YIELD_EVERY:
+            await asyncio.sleep(0)  # the champion's requests are not held behind the batch
         rows = parse_rows(copy[2], columns)
         if rows is None:  # not the simple case: MLflow's route scores it, alone
             await _shadow(candidate, copy[1], copy[2])
@@ -229,7 +234,11 @@ async def _score_chunk(
         return
     took_ms = (time.perf_counter() - started) * 1000
     start = 0
-    for ((request_id, _, _), _), part, size in zip(chunk, parts, sizes, strict=True):
+    for i, (((request_id, _, _), _), part, size) in enumerate(
+        zip(chunk, parts, sizes, strict=True)
+    ):
+        if i and not i % YIELD_EVERY:
+            await asyncio.sleep(0)
         rows = values[start : start + size]
         start += size
         candidate.log.record_rows(request_id, names, rows, np.asarray(part), took_ms)
