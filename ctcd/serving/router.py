@@ -12,10 +12,10 @@ scoring path, the prediction log and the answer all name the same id. Then:
   `MAX_SHADOWS` copies are in flight per worker: beyond that a copy is skipped and counted, so a
   slow candidate never holds the champion's memory or time. With `shadow_batch_ms` (a server
   setting) the copies are collected instead, up to that long or `MAX_PENDING` copies, and the
-  candidate scores them together in `predict` calls of up to `SHADOW_CHUNK_ROWS` rows: a copy then
+  candidate scores them together in `predict` calls of up to `max_batch_size` rows: a copy then
   costs the worker a small share of one call instead of a call of its own, and the champion's
   requests meet the candidate's work once per batch instead of after every answer. Its log rows'
-  `latency_ms` is then the time its `predict` call took. A batch parses and logs its copies
+  `latency_ms` is then the time its batch took to score. A batch parses and logs its copies
   `YIELD_EVERY` at a time, letting the requests that arrived meanwhile in between, so the
   champion waits for a slice of it, not all of it. A copy whose body is not on the fast path
   (`ctcd.serving.fastpath`), or whose batch raised, is scored alone as above.
@@ -43,7 +43,6 @@ from ctcd.serving.predlog import REQUEST_START, PredictionLog, request_id_from
 
 MAX_SHADOWS = 64
 MAX_PENDING = 1024  # shadow copies collected for one batch (`shadow_batch_ms`)
-SHADOW_CHUNK_ROWS = 64  # most rows of one predict call for batched copies (short GIL holds)
 YIELD_EVERY = 16  # copies a batch parses or logs before it lets the champion's requests in
 DRAIN_S = 3.0  # a leaving worker waits this long for its shadow copies to be scored
 ROUTERS: list[RolloutRouter] = []  # this worker's routers, drained when it leaves
@@ -188,13 +187,11 @@ async def _shadow(candidate: Model, scope: Scope, body: bytes) -> None:
 
 
 async def _shadow_batch(candidate: Model, batch: list[Copy]) -> None:
-    """The candidate scores collected copies together (`predict` calls of at most
-    `SHADOW_CHUNK_ROWS` rows, or its `max_batch_size` if smaller, one after the other, so a
-    champion request waits for one call at most); each copy's rows and answer go to its log
-    under its request id."""
+    """The candidate scores collected copies together (`predict` calls of at most its
+    `max_batch_size` rows); each copy's rows and answer go to its log under its request id."""
     assert candidate.scorer is not None and candidate.columns is not None
     columns, names = candidate.columns, tuple(candidate.columns)
-    limit = min(candidate.scorer.settings.max_batch_size, SHADOW_CHUNK_ROWS)
+    limit = candidate.scorer.settings.max_batch_size
     parsed: list[tuple[Copy, list[list[Any]]]] = []
     for i, copy in enumerate(batch):
         if i and not i % YIELD_EVERY:
