@@ -1,5 +1,6 @@
 """Shared set-up for the serving benchmarks: an isolated CTCD_HOME and MLflow database with
-two registered random-forest versions trained on the full 115,609-row sample."""
+registered versions (two random forests, or any model types) trained on the full 115,609-row
+sample."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ def register_two_versions(
     model_name: str = "bench-model", model_type: str = "random_forest", count: int = 2
 ) -> list:
     """v1: ctcd's defaults (random forest: 100 trees, depth 12); v2: 60 trees (or defaults)."""
+    second = {"n_estimators": 60} if model_type == "random_forest" else {}
+    return register_versions(model_name, [(model_type, {}), (model_type, second)][:count])
+
+
+def register_versions(model_name: str, versions: list[tuple[str, dict]]) -> list:
+    """One registered version of `model_name` per (model type, params), in order, each
+    trained on the full sample; their DeploymentConfigs."""
     from blocks import DeploymentConfig
     from ctcd.settings import configure_mlflow
     from flows.data import clean_data, ingest_data
@@ -37,8 +45,7 @@ def register_two_versions(
     data = clean_data.fn(dataset)
     experiment = configure_mlflow(model_name)
     configs = []
-    second = {"n_estimators": 60} if model_type == "random_forest" else {}
-    for params in ({}, second)[:count]:
+    for model_type, params in versions:
         model = train_model.fn(data, model_type, params)
         metrics = evaluate_model.fn(model, data)
         reg = register_model.fn(

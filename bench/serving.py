@@ -155,11 +155,16 @@ def bodies(rows: Any, work: Path) -> dict[tuple[str, int], Path]:
     return out
 
 
-def load(server: Server, body: Path, clients: int, rows: int, seconds: float) -> dict[str, Any]:
+def load(
+    server: Server, body: Path, clients: int, rows: int, seconds: float, role: str | None = None
+) -> dict[str, Any]:
+    """`httpload.py`'s figures for `server` (with `role`: latency of that role's answers)."""
     cmd = [sys.executable, str(HERE / "httpload.py"), server.url, str(body),
            "--clients", str(clients), "--seconds", str(seconds), "--rows", str(rows)]  # fmt: skip
     if server.v2:
         cmd.append("--v2")
+    if role:
+        cmd += ["--role", role]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
     if done.returncode != 0:
         raise RuntimeError(f"load client failed: {done.stderr[-2000:]}")

@@ -52,7 +52,7 @@ from ctcd.serving.batching import BatchingModel, set_threads
 from ctcd.serving.fastpath import FastInvocations
 from ctcd.serving.limits import RequestGuard
 from ctcd.serving.predlog import PredictionLog
-from ctcd.serving.router import Model, RolloutRouter
+from ctcd.serving.router import ROUTERS, Model, RolloutRouter
 from ctcd.serving.settings import ServerSettings
 
 SERVICE_DIR = Path(os.environ["CTCD_SERVICE_DIR"])
@@ -175,7 +175,7 @@ def _stack(served: ds.ServedModel, loaded: PyFuncModel, role: str) -> tuple[Fast
     scoring = scoring_server.init(batching)  # type: ignore[arg-type]
     scoring.add_middleware(FastInvocations, scorer=batching)
     scoring.state.scorer = batching
-    return scoring, Model(scoring, served.model_version, log)
+    return scoring, Model(scoring, served.model_version, log, scorer=batching)
 
 
 SERVING, model, _SAID, _CANDIDATE = _load()
@@ -184,14 +184,23 @@ app, champion = _stack(SERVING, model, "champion")
 candidate = _stack(_CANDIDATE[0], _CANDIDATE[1], _CANDIDATE[2].role)[1] if _CANDIDATE else None
 scorer: BatchingModel = app.state.scorer
 predictions = champion.log
-app.add_middleware(RolloutRouter, champion=champion, candidate=candidate, rollout=ROLLOUT)
+app.add_middleware(
+    RolloutRouter,
+    champion=champion,
+    candidate=candidate,
+    rollout=ROLLOUT,
+    shadow_batch_ms=SETTINGS.shadow_batch_ms,
+)
 # outermost: its limits apply to every path
 app.add_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes)
 
 
 @app.on_event("shutdown")
 async def _write_predictions() -> None:
-    """A leaving worker (swap, stop) writes the predictions it still holds."""
+    """A leaving worker (swap, stop) writes the predictions it still holds (its shadow copies
+    scored first)."""
+    for router in ROUTERS:
+        await router.drain()
     predictions.close()
     if candidate is not None:
         candidate.log.close()

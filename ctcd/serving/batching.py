@@ -49,7 +49,7 @@ def _key(frame: pd.DataFrame) -> tuple[Any, ...]:
     return tuple(frame.columns), tuple(str(dtype) for dtype in frame.dtypes)
 
 
-def _split(predictions: Any, sizes: list[int]) -> list[Any] | None:
+def split_rows(predictions: Any, sizes: list[int]) -> list[Any] | None:
     """`predictions` cut into consecutive parts of `sizes` rows, or None if it is not one
     prediction per row of a type whose slices MLflow encodes as it encodes the whole."""
     total = sum(sizes)
@@ -176,7 +176,7 @@ class BatchingModel:
         if len(batch) > 1:
             try:
                 joined = pd.concat([r.frame for r in batch], ignore_index=True)
-                parts = _split(self._call(joined), [len(r.frame) for r in batch])
+                parts = split_rows(self._call(joined), [len(r.frame) for r in batch])
             except Exception:
                 parts = None  # score each request alone: each gets its own answer or error
             if parts is not None:

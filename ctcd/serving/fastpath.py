@@ -61,6 +61,15 @@ def _number(value: Any) -> bool:
 
 def parse(body: bytes, columns: list[str]) -> pd.DataFrame | None:
     """The frame MLflow would score for `body`, or None if this is not the simple case."""
+    data = parse_rows(body, columns)
+    if data is None:
+        return None
+    return pd.DataFrame(np.array(data, dtype=np.float64), columns=columns)
+
+
+def parse_rows(body: bytes, columns: list[str]) -> list[list[Any]] | None:
+    """The rows (plain numbers, in signature order) of `body`, or None if this is not the
+    simple case (`parse` without building the frame)."""
     try:
         decoded = json.loads(body)
     except (ValueError, RecursionError):  # MLflow's route gives these their 400
@@ -79,7 +88,7 @@ def parse(body: bytes, columns: list[str]) -> pd.DataFrame | None:
     for row in data:
         if type(row) is not list or len(row) != width or not all(map(_number, row)):
             return None
-    return pd.DataFrame(np.array(data, dtype=np.float64), columns=columns)
+    return data
 
 
 class FastInvocations:

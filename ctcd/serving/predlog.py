@@ -132,30 +132,48 @@ class PredictionLog:
 
     def record(self, request_id: str, frame: pd.DataFrame, predictions: Any) -> None:
         """Buffer one answered request; drop it (counted) if the buffer is full."""
-        if not self.settings.prediction_log or request_id.startswith(PROBE_PREFIX):
+        if not self._taking(request_id, len(frame)):
             return
-        if self.settings.log_sample_rate < 1.0 and random.random() >= self.settings.log_sample_rate:
-            return
-        rows = len(frame)
-        with self._lock:
-            if self._rows + rows > self.settings.log_buffer_rows:
-                error = self.error
-                self._count(rows, f"buffer full while writes fail ({error})" if error else FULL)
-                return
-            self._rows += rows
         try:
             values = frame.to_numpy()
             predicted = np.asarray(predictions)
         except Exception:  # not something we can store: count it, never fail the request
             with self._lock:
-                self._rows -= rows
-                self._count(rows, "not storable (its rows or predictions are not an array)")
+                self._rows -= len(frame)
+                self._count(len(frame), "not storable (its rows or predictions are not an array)")
             return
         start = REQUEST_START.get()
         latency = (time.perf_counter() - start) * 1000 if start else float("nan")
         columns = tuple(map(str, frame.columns))
         entry = (time.time(), request_id, columns, values, predicted, latency)
         self._buffer.append(entry)
+
+    def record_rows(
+        self,
+        request_id: str,
+        columns: tuple[str, ...],
+        values: np.ndarray,
+        predictions: np.ndarray,
+        latency_ms: float,
+    ) -> None:
+        """`record` for rows already in arrays (a batch of shadow copies, cut per request)."""
+        if self._taking(request_id, len(values)):
+            entry = (time.time(), request_id, columns, values, predictions, latency_ms)
+            self._buffer.append(entry)
+
+    def _taking(self, request_id: str, rows: int) -> bool:
+        """Whether `rows` of this request are to be buffered (room counted for them)."""
+        if not self.settings.prediction_log or request_id.startswith(PROBE_PREFIX):
+            return False
+        if self.settings.log_sample_rate < 1.0 and random.random() >= self.settings.log_sample_rate:
+            return False
+        with self._lock:
+            if self._rows + rows > self.settings.log_buffer_rows:
+                error = self.error
+                self._count(rows, f"buffer full while writes fail ({error})" if error else FULL)
+                return False
+            self._rows += rows
+        return True
 
     def _count(self, rows: int, reason: str) -> None:
         """Count `rows` as dropped for `reason` (the caller holds `_lock`)."""

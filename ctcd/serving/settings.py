@@ -64,6 +64,14 @@ class ServerKnobs(BaseModel):
         description="Rows a worker buffers between writes; more are dropped and counted, so "
         "logging never slows a request.",
     )
+    shadow_batch_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=5000,
+        description="Shadow rollouts: milliseconds a worker collects copies of requests before "
+        "the candidate scores them together (at most 1,024 copies); 0 scores each copy on its "
+        "own as soon as the client has its answer.",
+    )
     max_body_bytes: int = Field(
         default=16 * MIB,
         ge=1024,
