@@ -366,7 +366,7 @@ def test_make_deploy_refuses_bad_input_before_applying_anything(deployed, tmp_pa
     with _api(server) as client:
         assert "gpu-pool" not in {p.name for p in client.read_work_pools()}
     before = _deployments(server)
-    assert len(before) == 7
+    assert len(before) == 8
 
     text = (ROOT / "prefect.yaml").read_text()
     for old, new, words in [
