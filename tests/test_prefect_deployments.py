@@ -400,6 +400,7 @@ def test_serve_builds_the_same_deployments_from_prefect_yaml() -> None:
         "batch-inference",
         "drift-monitor",
         "record-outcomes",
+        "rollout-analysis",
     }
     interval = built["continuous-training"].schedules[0].schedule.interval
     assert interval.total_seconds() == 14 * 24 * 3600
