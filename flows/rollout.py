@@ -133,10 +133,16 @@ def preview(
 def next_check(model_name: str) -> str:
     """When the `rollout-analysis` deployment next runs, as far as Prefect says."""
     import anyio
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if not PREFECT_API_URL.value():
-        return "unknown: no PREFECT_API_URL (the deployments run on a Prefect server)"
+    from ctcd import local_api
+
+    url = PREFECT_API_URL.value()
+    if not url:  # the local server ctcd started, if it runs
+        local = local_api.recorded() if local_api.enabled() else None
+        if local is None:
+            return "unknown: no PREFECT_API_URL (the deployments run on a Prefect server)"
+        url = local.api_url
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -168,7 +174,8 @@ def next_check(model_name: str) -> str:
         return f"{runs[0].expected_start_time:%Y-%m-%d %H:%M:%S %Z} (rollout-analysis)"
 
     try:
-        return anyio.run(ask)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            return anyio.run(ask)
     except Exception as err:
         return f"unknown: Prefect's API did not answer ({type(err).__name__})"
 
