@@ -292,10 +292,15 @@ def _decide_by_hand(uuid: str, deployer: str | None, tracking: str | None, how: 
 
     record = _open_rollout(uuid, deployer)
     reason = f"by hand (`ctcd models rollout {'promote' if how == 'promote' else 'abort'}`)"
-    try:
-        with use_tracking(tracking):
+    from prefect.events.worker import EventsWorker
+
+    from ctcd import local_api
+
+    try:  # the event goes to PREFECT_API_URL, else to ctcd's local server (as flows' runs do)
+        with local_api.api(), use_tracking(tracking):
             evidence = evidence_of(record)
             done = act(_deployer(deployer), record, how, reason, evidence)  # type: ignore[arg-type]
+            EventsWorker.drain_all(timeout=30, at_exit=False)  # sent before the API goes
     except CtcdError as err:
         _fail(str(err).splitlines()[0])
     role = "champion" if how == "promote" else "champion; the candidate stays challenger"

@@ -89,9 +89,11 @@ def act(
     """Carry out `promote` or `rollback` on the server, the registry and Prefect's events."""
     import mlflow
 
+    from ctcd.settings import tracking_uri
+
     rollout = service.rollout
     assert rollout is not None
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri())  # also from the CLI, which sets no default
     name, candidate = service.model_name, rollout.candidate_version
     payload: dict[str, Any] = {
         "server": service.uuid, "mode": rollout.mode, "percent": rollout.percent,
