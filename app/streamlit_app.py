@@ -74,9 +74,9 @@ def _header(connection: Connection, deployer: str | None) -> None:
     if service.rollout is not None:
         rollout, short = service.rollout, service.uuid[:8]
         who = (
-            f"version {rollout.candidate_version} answers {rollout.percent:g} % of requests"
+            f"Version {rollout.candidate_version} answers {rollout.percent:g} % of requests"
             if rollout.mode == "canary"
-            else f"version {rollout.candidate_version} scores copies of requests (shadow); "
+            else f"Version {rollout.candidate_version} scores copies of requests (shadow); "
             f"answers come from version {rollout.champion_version}"
         )
         st.info(

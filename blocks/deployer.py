@@ -112,7 +112,7 @@ class BaseModelDeployer(Block, ABC):
         `rollback_model_server`. The registry's aliases are the caller's (see flows.rollout)."""
         record = self.get_model_server(uuid)
         opened = _open(record)
-        with self._lock(_config(record)):
+        with self._lock(config_of(record)):
             return self._promote(self.get_model_server(record.uuid), opened, timeout)
 
     def abort_rollout(self, uuid: str, timeout: float | None = None) -> ServiceRecord:
@@ -120,7 +120,7 @@ class BaseModelDeployer(Block, ABC):
         and the champion answers every request."""
         record = self.get_model_server(uuid)
         opened = _open(record)
-        with self._lock(_config(record)):
+        with self._lock(config_of(record)):
             return self._abort(self.get_model_server(record.uuid), opened, timeout)
 
     def find_model_server(
@@ -302,19 +302,18 @@ def _open(record: ServiceRecord) -> OpenRollout:
     return record.rollout
 
 
-def _config(record: ServiceRecord) -> DeploymentConfig:
-    return DeploymentConfig(
-        model_name=record.model_name, model_version=record.model_version,
-        model_uri=record.model_uri, pipeline_name=record.pipeline_name,
-        step_name=record.step_name, run_id=record.run_id,
-    )  # fmt: skip
+def config_of(record: ServiceRecord) -> DeploymentConfig:
+    """What `record` serves, as a deploy would ask for it."""
+    return DeploymentConfig.model_validate(
+        record.model_dump(include=set(DeploymentConfig.model_fields))
+    )
 
 
 def candidate_config(record: ServiceRecord, rollout: OpenRollout) -> DeploymentConfig:
     """The deployment of `record`'s candidate (what a promotion serves)."""
     update = {"model_version": rollout.candidate_version, "model_uri": rollout.candidate_uri,
               "run_id": rollout.candidate_run_id, "flow_run_id": None}  # fmt: skip
-    return _config(record).model_copy(update=update)
+    return config_of(record).model_copy(update=update)
 
 
 def _previous_version(record: ServiceRecord) -> str:

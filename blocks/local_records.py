@@ -73,13 +73,6 @@ def prune(runtime: Path, keep: set[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def config_of(record: ServiceRecord) -> DeploymentConfig:
-    """What `record` serves, as a deploy would ask for it."""
-    return DeploymentConfig.model_validate(
-        record.model_dump(include=set(DeploymentConfig.model_fields))
-    )
-
-
 def never_started(record: ServiceRecord) -> bool:
     """A server whose first deploy stopped before it wrote the desired state."""
     current = record.local.runtime_dir / ds.CURRENT

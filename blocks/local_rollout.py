@@ -14,7 +14,7 @@ import contextlib
 
 from blocks import local_process as lp
 from blocks import local_records as store
-from blocks.deployer import DeploymentConfig
+from blocks.deployer import DeploymentConfig, config_of
 from blocks.service import ServiceRecord, ServiceState
 from ctcd.exceptions import ModelLoadError, ModelServerError, StateFileError
 from ctcd.rollout import OpenRollout
@@ -29,7 +29,7 @@ def _serving(record: ServiceRecord) -> ds.ServedModel:
         want = ds.read_desired(runtime)
         if want is not None:
             return want.served()
-    config = store.config_of(record)
+    config = config_of(record)
     path = store.stage(runtime, config)
     return ds.ServedModel(**config.model_dump(), uuid=record.uuid, model_path=str(path))
 

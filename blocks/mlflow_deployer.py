@@ -14,7 +14,7 @@ from pydantic import Field, HttpUrl
 from blocks import local_process as lp
 from blocks import local_records as store
 from blocks import local_rollout
-from blocks.deployer import BaseModelDeployer, DeploymentConfig, candidate_config
+from blocks.deployer import BaseModelDeployer, DeploymentConfig, candidate_config, config_of
 from blocks.local_recovery import refuse_unowned, sweep_leftovers
 from blocks.service import LocalRuntime, ServiceRecord, ServiceState
 from blocks.ui import logo
@@ -293,7 +293,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
         lock): a server whose first deploy stopped early is brought up; an unreadable desired
         state is written again from the record; the record is stored as observed."""
         timeout = timeout or self.deploy_timeout
-        config = store.config_of(record)
+        config = config_of(record)
         with self._lock(config):  # no deploy of this server runs meanwhile
             record = self.get_model_server(record.uuid)
             if store.never_started(record):
@@ -315,7 +315,7 @@ class MLflowModelDeployer(BaseModelDeployer, ServerKnobs):
             want = None
         if want is not None:
             return want.generation
-        config = store.config_of(record)
+        config = config_of(record)
         store.stage(runtime, config)
         return self._desire(runtime, config, record)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -63,6 +63,11 @@ def policy(value: RolloutPolicy | dict[str, object] | str | None) -> RolloutPoli
     return RolloutPolicy.model_validate(value)
 
 
+def as_text(value: Any) -> Any:
+    """Versions are text; a number (written by hand, or MLflow's) is read as its text."""
+    return str(value) if isinstance(value, int) else value
+
+
 class OpenRollout(BaseModel):
     """A rollout a server has open: the candidate beside the champion, how, and since when."""
 
@@ -76,9 +81,7 @@ class OpenRollout(BaseModel):
     candidate_run_id: str | None = None
     since: float = Field(default_factory=time.time, description="Epoch seconds it opened.")
 
-    _text = field_validator("champion_version", "candidate_version", mode="before")(
-        lambda v: str(v) if isinstance(v, int) else v
-    )
+    _text = field_validator("champion_version", "candidate_version", mode="before")(as_text)
 
     @property
     def role(self) -> Role:

@@ -16,6 +16,8 @@ decide there with `ctcd models rollout promote|abort`.
 
 from __future__ import annotations
 
+import contextlib
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +69,10 @@ def evidence_of(
     if rollout is None or service.prediction_log_dir is None:
         return None
     runtime = service.local.runtime_dir
-    since = _utc(rollout.since)
+    since = datetime.fromtimestamp(rollout.since, UTC)
     outcomes = read_table(Path(outcomes_path).expanduser()) if outcomes_path else None
     log = read_log(runtime, since=since)
     return gather(rollout, log, worker_stats(runtime), outcomes, target)
-
-
-def _utc(epoch: float) -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(epoch, UTC)
 
 
 def act(
@@ -88,6 +84,7 @@ def act(
 ) -> ServiceRecord:
     """Carry out `promote` or `rollback` on the server, the registry and Prefect's events."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from ctcd.settings import tracking_uri
 
@@ -103,7 +100,7 @@ def act(
     if decision == "promote":
         done = deployer.promote_rollout(service.uuid)
         client.set_registered_model_alias(name, CHAMPION, candidate)
-        with _quiet():
+        with contextlib.suppress(MlflowException):  # no challenger alias
             if str(client.get_model_version_by_alias(name, CHALLENGER).version) == candidate:
                 client.delete_registered_model_alias(name, CHALLENGER)
         tag, event = f"promoted: {reason}", ROLLOUT_PROMOTED
@@ -116,20 +113,15 @@ def act(
     return done
 
 
-def _quiet() -> Any:
-    import contextlib
-
-    from mlflow.exceptions import MlflowException
-
-    return contextlib.suppress(MlflowException)
-
-
 def preview(
     service: ServiceRecord, outcomes_path: str | None = None, target: str = "review_score",
     criteria: Criteria | None = None,
 ) -> tuple[Decision, str, Evidence | None]:  # fmt: skip
     """What `rollout_analysis` would decide now (nothing is changed)."""
     return analyse.fn(service, outcomes_path, target, criteria or Criteria())
+
+
+NAME = "rollout-analysis"  # the flow's and its deployment's name
 
 
 def next_check(model_name: str) -> str:
@@ -158,19 +150,13 @@ def next_check(model_name: str) -> str:
 
     async def ask() -> str:
         with anyio.fail_after(10):
-            return await _next(get_client)
-
-    async def _next(get_client: Any) -> str:
-        async with get_client() as client:
-            runs = await client.read_flow_runs(
-                deployment_filter=DeploymentFilter(
-                    name=DeploymentFilterName(any_=["rollout-analysis"])
-                ),
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
-                ),
-                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1,
-            )  # fmt: skip
+            async with get_client() as client:
+                runs = await client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[NAME])),
+                    flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
+                    )), sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1,
+                )  # fmt: skip
         if not runs or runs[0].expected_start_time is None:
             return "no scheduled run of the rollout-analysis deployment (`make deploy` wires it)"
         return f"{runs[0].expected_start_time:%Y-%m-%d %H:%M:%S %Z} (rollout-analysis)"
@@ -199,7 +185,7 @@ def analyse(
     return decision, reason, evidence
 
 
-@ctcd_flow(name="rollout-analysis", log_prints=True)
+@ctcd_flow(name=NAME, log_prints=True)
 def rollout_analysis(
     model_name: str = "customer-satisfaction",
     outcomes_path: str | None = None,

@@ -139,14 +139,19 @@ def deployer(components, kube_api) -> SeldonModelDeployer:
 @pytest.fixture(scope="module")
 def trained(components, small_csv) -> dict[str, DeploymentConfig]:
     """v1 linear, v2 a random forest: logged to the bucket by `training_pipeline`."""
+    return train_two(small_csv, MODEL)
+
+
+def train_two(small_csv: str, model: str) -> dict[str, DeploymentConfig]:
+    """v1 linear, v2 a random forest (they answer differently) of `model`, by the flow."""
     configs = {}
     for label, kind in (("v1", "linear"), ("v2", "random_forest")):
         result = training_pipeline(
-            data_path=small_csv, model_type=kind, model_name=MODEL,
+            data_path=small_csv, model_type=kind, model_name=model,
             model_params=FAST_RF if kind == "random_forest" else None,
         )  # fmt: skip
         configs[label] = DeploymentConfig(
-            model_name=MODEL, model_version=result.model_version, model_uri=result.model_uri,
+            model_name=model, model_version=result.model_version, model_uri=result.model_uri,
             pipeline_name="p", step_name="s", run_id=result.run_id,
         )  # fmt: skip
     return configs

@@ -24,8 +24,7 @@ from ctcd.rollout import RolloutPolicy
 from flows.data import feature_frame
 from flows.training import training_pipeline
 from tests import seldon_env as env
-from tests.conftest import FAST_RF
-from tests.test_seldon import _deployer, _in_process, _sdep, seldon_components
+from tests.test_seldon import _deployer, _in_process, _sdep, seldon_components, train_two
 
 NS = "ctcd-seldon-rollout"
 MODEL = "seldon-rollout"
@@ -52,17 +51,7 @@ def deployer(components, kube_api) -> Iterator[SeldonModelDeployer]:
 @pytest.fixture(scope="module")
 def trained(components, small_csv) -> dict[str, DeploymentConfig]:
     """v1 linear, v2 a random forest (they answer differently), logged to the bucket."""
-    configs = {}
-    for label, kind in (("v1", "linear"), ("v2", "random_forest")):
-        result = training_pipeline(
-            data_path=small_csv, model_type=kind, model_name=MODEL,
-            model_params=FAST_RF if kind == "random_forest" else None,
-        )  # fmt: skip
-        configs[label] = DeploymentConfig(
-            model_name=MODEL, model_version=result.model_version, model_uri=result.model_uri,
-            pipeline_name="p", step_name="s", run_id=result.run_id,
-        )  # fmt: skip
-    return configs
+    return train_two(small_csv, MODEL)
 
 
 @pytest.fixture(scope="module")

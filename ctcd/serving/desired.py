@@ -29,18 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ctcd.exceptions import StateFileError
 from ctcd.files import locked, read_json, read_model, write_json
-from ctcd.rollout import OpenRollout
+from ctcd.rollout import OpenRollout, as_text
 from ctcd.serving.settings import ServerSettings
 
 CURRENT = "current.json"
 STABLE = "stable.json"
 WORKERS = "workers"
 HISTORY_LIMIT = 20  # versions a server's history keeps (the record's and stable.json's)
-
-
-def _as_text(value: Any) -> Any:
-    """Versions are text; a number written by hand is read as its text."""
-    return str(value) if isinstance(value, int) else value
 
 
 class ServedModel(BaseModel):
@@ -58,7 +53,7 @@ class ServedModel(BaseModel):
     run_id: str | None = None
     flow_run_id: str | None = None
 
-    _version = field_validator("model_version", mode="before")(_as_text)
+    _version = field_validator("model_version", mode="before")(as_text)
 
     def served(self) -> ServedModel:
         """Only the model's fields (what a state file names as the model)."""
@@ -71,7 +66,7 @@ class Rejected(BaseModel):
     model_version: str
     reason: str
 
-    _version = field_validator("model_version", mode="before")(_as_text)
+    _version = field_validator("model_version", mode="before")(as_text)
 
 
 class DesiredState(ServedModel):
